@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from spasem.core.backends import Decoder, Encoder, Features, Fusion, RegistrationBackend, RunContext, Timer, tensor_to_volume
-from spasem.core.config import PipelineConfig, build_config
+from spasem.core.cache import StageCache, grid_digest, grid_from_dict, grid_to_dict, make_key, volume_digest
+from spasem.core.config import PipelineConfig, StageConfig, build_config
 from spasem.core.priors import prototypes as extract_prototypes
 from spasem.core.priors import semantic_prior, spatial_prior
 from spasem.core.progress import Progress
@@ -171,6 +172,299 @@ def prepare_supports(
     return prepared
 
 
+@dataclass
+class PreparedQuery:
+    """A query and its image on the working grid."""
+
+    volume: Volume
+    work_grid: Grid
+    image_work: Volume
+    fill: float
+
+
+@dataclass
+class Priors:
+    """Everything computed before fusion, on the query's working grid.
+
+    :param p_reg: spatial prior ``[I, J, K]`` (working grid).
+    :param p_sim: semantic prior ``[I, J, K]``; 0 outside the windows.
+    :param entropy: normalised entropy ``[I, J, K]``; 1 outside the windows.
+    :param query_windows: per window, its query features and raw image (for the decoder).
+    """
+
+    query: PreparedQuery
+    windows: list[Window]
+    p_reg: torch.Tensor
+    p_sim: torch.Tensor
+    entropy: torch.Tensor
+    query_windows: list[tuple[Window, Features, Volume]]
+    num_prototypes: int
+
+
+class Engine:
+    """Runs the stages of the method with one set of backends; reusable across queries.
+
+    :param config: the pipeline configuration.
+    :param registry: where backends are looked up (default: all installed plugins).
+    :param progress: progress reporter (default: silent).
+    :param backends: already-instantiated backends (else created from ``config``).
+    :param cache: optional :class:`~spasem.core.cache.StageCache` for registration results,
+        support prototypes and query features (keyed by content hash).
+    """
+
+    def __init__(
+        self,
+        config: PipelineConfig | Mapping[str, Any] | None = None,
+        *,
+        registry: Registry | None = None,
+        progress: Progress | None = None,
+        backends: Backends | None = None,
+        cache: StageCache | None = None,
+    ):
+        self.config = _coerce_config(config)
+        self.progress = progress or Progress(enabled=False)
+        self.context = backends.encoder.context if backends is not None else make_context(self.config, self.progress)
+        self.backends = backends or create_backends(self.config, self.context, registry)
+        self.registry = registry
+        self.cache = cache
+        self.timer = Timer()
+        self._digests: dict[int, tuple[Volume, str]] = {}
+
+    # -- helpers -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.context.device
+
+    def _digest(self, volume: Volume) -> str:
+        entry = self._digests.get(id(volume))
+        if entry is None or entry[0] is not volume:
+            entry = (volume, volume_digest(volume))
+            self._digests[id(volume)] = entry
+        return entry[1]
+
+    def _stage_id(self, kind: str) -> dict[str, Any]:
+        stage = getattr(self.config, kind)
+        backend = getattr(self.backends, kind)
+        return {"name": stage.name, "options": backend.config.model_dump(mode="json")}
+
+    def _cached(self, stage: str, key: str, compute):
+        if self.cache is not None:
+            hit = self.cache.load(stage, key)
+            if hit is not None:
+                return hit
+        value = compute()
+        if self.cache is not None:
+            self.cache.store(stage, key, value)
+        return value
+
+    # -- stages --------------------------------------------------------------------------------
+    def prepare_query(self, query: Volume) -> PreparedQuery:
+        """Check the query and resample it onto its working grid."""
+        check_image(query, "query image")
+        work_grid = query.grid.canonical(self.config.window.spacing_mm)
+        with self.timer.time("resample"):
+            image_work = resample(query, work_grid, fill="min")
+        return PreparedQuery(query, work_grid, image_work, float(np.min(query.array)))
+
+    def prepare_supports(self, supports: Sequence[Support | tuple[Volume, Volume]]) -> list[Support]:
+        return prepare_supports(supports, self.config.label, self.config.resample_mask)
+
+    def warp_support(self, support: Support, query: PreparedQuery, index: int = 1) -> np.ndarray:
+        """Register one support to the query; its mask on the working grid as a bool array
+        (linear warp of the 0/1 mask, >= 0.5)."""
+        key = make_key("warp", self._digest(support.image), self._digest(support.mask), self._digest(query.volume),
+                       self._stage_id("registration"), grid_digest(query.work_grid))
+
+        def compute() -> dict[str, Any]:
+            with self.timer.time("register"):
+                transform = self.backends.registration.register(support.image, query.volume)
+            with self.timer.time("warp"):
+                soft = Volume(support.mask.array.astype(np.float32), support.mask.grid, name=support.mask.name)
+                warped = transform.warp(soft, query.work_grid)
+            return {"mask": torch.from_numpy(np.ascontiguousarray(warped.array >= 0.5))}
+
+        with self.progress.stage(f"registering support {index} ({self.backends.registration.name})"):
+            mask = self._cached("warp", key, compute)["mask"].numpy()
+        if not mask.any():
+            raise PipelineError(
+                f"registration '{self.backends.registration.name}' moved the mask of support {index} "
+                f"({support.image.label_for_messages}) entirely outside the query's field of view"
+            )
+        return mask
+
+    def support_prototypes(self, support: Support, index: int = 1) -> torch.Tensor:
+        """Prototypes ``[N, C]`` of one support: encoder features inside its mask, over
+        non-overlapping windows tiling the mask's box on the support's working grid."""
+        cfg = self.config.window
+        key = make_key("prototypes", self._digest(support.image), self._digest(support.mask),
+                       self._stage_id("encoder"), cfg.model_dump(mode="json"))
+
+        def compute() -> dict[str, Any]:
+            sgrid = support.image.grid.canonical(cfg.spacing_mm)
+            with self.timer.time("resample"):
+                simage = resample(support.image, sgrid, fill="min")
+                smask = resample(support.mask, sgrid)
+            sfill = float(np.min(support.image.array))
+            sbounds = roi_bounds(smask.array > 0, sgrid)
+            if sbounds is None:
+                raise PipelineError(
+                    f"support {index}: its mask vanished when resampled to {cfg.spacing_mm:g} mm (structure too small)"
+                )
+            found = []
+            for window in self.progress.iterate(tile_windows(sgrid, sbounds[0], sbounds[1], cfg.size), f"support {index} windows"):
+                mask_win = window.crop(smask.array)
+                if not mask_win.any():
+                    continue
+                with self.timer.time("encode"):
+                    feats = self.backends.encoder.encode(window.crop_volume(simage, fill=sfill))
+                with self.timer.time("semantic_prior"):
+                    found.append(extract_prototypes(feats.data.to(self.device), torch.as_tensor(mask_win, device=self.device)).cpu())
+            return {"prototypes": torch.cat(found) if found else torch.zeros(0, 0)}
+
+        return self._cached("prototypes", key, compute)["prototypes"].to(self.device)
+
+    def encode_query(self, query: PreparedQuery, windows: Sequence[Window]) -> list[tuple[Window, Features, Volume]]:
+        """Encoder features of each query window (with the window's raw image)."""
+        key = make_key("query_features", self._digest(query.volume), self._stage_id("encoder"),
+                       grid_digest(query.work_grid), [[list(w.start), list(w.size)] for w in windows])
+        images = [window.crop_volume(query.image_work, fill=query.fill) for window in windows]
+
+        def compute() -> dict[str, Any]:
+            out = []
+            for image in self.progress.iterate(images, "query windows"):
+                with self.timer.time("encode"):
+                    feats = self.backends.encoder.encode(image)
+                out.append({"data": feats.data.detach().cpu(), "grid": grid_to_dict(feats.grid),
+                            "window": grid_to_dict(feats.window)})
+            return {"windows": out}
+
+        stored = self._cached("query_features", key, compute)["windows"]
+        return [
+            (window, Features(entry["data"], grid_from_dict(entry["grid"]), grid_from_dict(entry["window"])), image)
+            for window, entry, image in zip(windows, stored, images)
+        ]
+
+    def semantic_maps(
+        self, query: PreparedQuery, query_windows: Sequence[tuple[Window, Features, Volume]], prototypes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``P_sim`` and entropy on the working grid, merged over the query windows."""
+        p_sim_merge = WindowMerger(query.work_grid.shape, self.device)
+        entropy_merge = WindowMerger(query.work_grid.shape, self.device)
+        for window, feats, _ in query_windows:
+            with self.timer.time("semantic_prior"):
+                p_sim_f, entropy_f = semantic_prior(
+                    feats.data.to(self.device), prototypes, self.config.priors.tau_s, self.config.priors.tau_e
+                )
+                p_sim_merge.add(window, features_to_window(p_sim_f, feats))
+                entropy_merge.add(window, features_to_window(entropy_f, feats))
+        p_sim = p_sim_merge.result(MAP_DEFAULTS["p_sim"]).clamp(0, 1)
+        entropy = entropy_merge.result(MAP_DEFAULTS["entropy"]).clamp(0, 1)
+        return p_sim, entropy
+
+    def priors(self, supports: Sequence[Support | tuple[Volume, Volume]], query: Volume) -> Priors:
+        """Stages 1-3: registration, spatial prior, windows, prototypes, semantic prior."""
+        prepared_query = self.prepare_query(query)
+        prepared = self.prepare_supports(supports)
+        torch.manual_seed(self.config.seed)
+        cfg = self.config
+        warped_sum = np.zeros(prepared_query.work_grid.shape, dtype=np.float32)
+        for n, support in enumerate(prepared, start=1):
+            warped_sum += self.warp_support(support, prepared_query, n)
+        warped_mean = torch.as_tensor(warped_sum / len(prepared), device=self.device)
+        with self.timer.time("spatial_prior"):
+            p_reg = spatial_prior(warped_mean, cfg.priors.sigma)
+        bounds = roi_bounds(warped_sum > 0, prepared_query.work_grid, cfg.window.margin_mm)
+        assert bounds is not None  # every warped mask is non-empty (checked in warp_support)
+        windows = plan_windows(prepared_query.work_grid, bounds[0], bounds[1], cfg.window.size, cfg.window.min_overlap)
+        size = cfg.window.size
+        self.progress.message(f"{len(windows)} query window(s) of {size[0]}x{size[1]}x{size[2]} at {cfg.window.spacing_mm:g} mm")
+
+        with self.progress.stage(f"encoding supports ({self.backends.encoder.name})"):
+            found = [self.support_prototypes(support, n) for n, support in enumerate(prepared, start=1)]
+        found = [p for p in found if p.numel() > 0]
+        if not found:
+            raise PipelineError("no prototype could be taken from the support masks (structure smaller than a feature voxel)")
+        prototypes = torch.cat(found)
+        self.progress.message(f"{prototypes.shape[0]} prototype(s) of {prototypes.shape[1]} channels")
+
+        with self.progress.stage(f"encoding query ({len(windows)} window(s))"):
+            query_windows = self.encode_query(prepared_query, windows)
+            p_sim, entropy = self.semantic_maps(prepared_query, query_windows, prototypes)
+        return Priors(prepared_query, windows, p_reg, p_sim, entropy, query_windows, int(prototypes.shape[0]))
+
+    def decode(self, priors: Priors, fusion: Fusion | None = None) -> SegmentationResult:
+        """Stages 4-5: fuse, decode each window, merge, paste back onto the query's grid."""
+        fusion = fusion or self.backends.fusion
+        decoder = self.backends.decoder
+        timer = Timer()
+        with timer.time("fuse"):
+            fused = fusion.fuse(priors.p_reg, priors.p_sim, priors.entropy)
+            if fused.shape != priors.p_reg.shape:
+                raise PipelineError(
+                    f"fusion '{fusion.name}' returned shape {tuple(fused.shape)}, expected {tuple(priors.p_reg.shape)}"
+                )
+            fused = torch.nan_to_num(fused.to(torch.float32), nan=0.0, posinf=-OUTSIDE_LOGIT, neginf=OUTSIDE_LOGIT)
+        work_grid = priors.query.work_grid
+        logits_merge = WindowMerger(work_grid.shape, self.device)
+        with self.progress.stage(f"decoding ({decoder.name})"):
+            for window, feats, qimage in priors.query_windows:
+                fused_win = tensor_to_volume(window.crop(fused, fill=OUTSIDE_LOGIT), window.grid, name="fused_logits")
+                with timer.time("decode"):
+                    out = decoder.decode(fused_win, feats, qimage)
+                if not out.grid.same_as(window.grid):
+                    raise PipelineError(
+                        f"decoder '{decoder.name}' returned logits on {out.grid.describe()}, expected the window grid"
+                    )
+                logits_merge.add(window, torch.as_tensor(np.asarray(out.array, dtype=np.float32)))
+        logits = logits_merge.result(OUTSIDE_LOGIT)
+        maps = {
+            "p_reg": tensor_to_volume(priors.p_reg, work_grid, "p_reg"),
+            "p_sim": tensor_to_volume(priors.p_sim, work_grid, "p_sim"),
+            "entropy": tensor_to_volume(priors.entropy, work_grid, "entropy"),
+            "fused_logits": tensor_to_volume(fused, work_grid, "fused_logits"),
+            "logits": tensor_to_volume(logits, work_grid, "logits"),
+        }
+        query = priors.query.volume
+        with self.progress.stage("pasting back onto the query grid"), timer.time("paste"):
+            query_logits = paste_to_grid(maps["logits"], query.grid, OUTSIDE_LOGIT)
+            mask = Volume((query_logits.array > self.config.threshold).astype(np.uint8), query.grid, is_label=True,
+                          name="prediction", modality=query.modality)
+            mask = decoder.postprocess(mask)
+        timings = dict(self.timer.seconds)
+        for stage, seconds in timer.seconds.items():
+            timings[stage] = timings.get(stage, 0.0) + seconds
+        return SegmentationResult(
+            mask=mask,
+            maps=maps,
+            work_grid=work_grid,
+            windows=priors.windows,
+            query_grid=query.grid,
+            timings=timings,
+            num_prototypes=priors.num_prototypes,
+            config=self.config,
+        )
+
+    def run(self, supports: Sequence[Support | tuple[Volume, Volume]], query: Volume) -> SegmentationResult:
+        """All stages with the configured fusion."""
+        self.timer = Timer()
+        return self.decode(self.priors(supports, query))
+
+    def run_fusions(
+        self, supports: Sequence[Support | tuple[Volume, Volume]], query: Volume, fusions: Sequence[str | Mapping[str, Any]]
+    ) -> dict[str, SegmentationResult]:
+        """All stages once up to the priors, then fuse and decode once per fusion strategy
+        (name, or ``{"name": ..., "options": {...}}``); results keyed by fusion name."""
+        registry = self.registry or get_registry()
+        self.timer = Timer()
+        priors = self.priors(supports, query)
+        results = {}
+        for spec in fusions:
+            stage = StageConfig.model_validate(spec)
+            fusion = registry.create("fusion", stage.name, stage.options, self.context)
+            results[stage.name] = self.decode(priors, fusion)  # type: ignore[arg-type]
+        return results
+
+
 def segment(
     supports: Sequence[Support | tuple[Volume, Volume]],
     query: Volume,
@@ -179,141 +473,20 @@ def segment(
     registry: Registry | None = None,
     progress: Progress | None = None,
     backends: Backends | None = None,
+    cache: StageCache | None = None,
 ) -> SegmentationResult:
     """Segment in ``query`` the structure drawn in the supports' masks.
 
     :param supports: one or more ``(image, mask)`` pairs (k-shot); masks may be multi-label
-        (``config.label`` picks one id; default: all non-zero voxels).
+        (``config.label`` picks one id; default: all non-zero voxels). Each mask must be on its
+        image's grid (or the same voxels with flipped/permuted axes); see ``resample_mask``.
     :param query: the image to segment.
     :param config: a :class:`PipelineConfig` or a mapping of its fields.
     :param registry: backends to choose from (default: all installed plugins).
     :param progress: progress reporter (default: silent).
     :param backends: already-instantiated backends (reused across calls, e.g. in evaluation).
+    :param cache: stage cache (registration, prototypes, query features) shared across calls.
     :returns: :class:`SegmentationResult` with the mask on the query's grid and the priors.
     """
-    config = _coerce_config(config)
-    progress = progress or Progress(enabled=False)
-    context = backends.encoder.context if backends is not None else make_context(config, progress)
-    backends = backends or create_backends(config, context, registry)
-    check_image(query, "query image")
-    prepared = prepare_supports(supports, config.label, config.resample_mask)
-    torch.manual_seed(config.seed)
-    timer = Timer()
-    device = context.device
-    spacing = config.window.spacing_mm
-    size = config.window.size
-
-    # 1. registration and spatial prior ------------------------------------------------------
-    work_grid = query.grid.canonical(spacing)
-    with timer.time("resample"):
-        query_work = resample(query, work_grid, fill="min")
-    query_fill = float(np.min(query.array))
-    warped_sum = np.zeros(work_grid.shape, dtype=np.float32)
-    for n, support in enumerate(prepared, start=1):
-        with progress.stage(f"registering support {n}/{len(prepared)} ({backends.registration.name})"):
-            with timer.time("register"):
-                transform = backends.registration.register(support.image, query)
-            with timer.time("warp"):
-                soft = Volume(support.mask.array.astype(np.float32), support.mask.grid, name=support.mask.name)
-                warped = transform.warp(soft, work_grid)
-        binary = warped.array >= 0.5
-        if not binary.any():
-            raise PipelineError(
-                f"registration '{backends.registration.name}' moved the mask of support {n} "
-                f"({support.image.label_for_messages}) entirely outside the query's field of view"
-            )
-        warped_sum += binary
-    warped_mean = torch.as_tensor(warped_sum / len(prepared), device=device)
-    with timer.time("spatial_prior"):
-        p_reg = spatial_prior(warped_mean, config.priors.sigma)
-
-    bounds = roi_bounds(warped_sum > 0, work_grid, config.window.margin_mm)
-    assert bounds is not None  # checked per support above
-    windows = plan_windows(work_grid, bounds[0], bounds[1], size, config.window.min_overlap)
-    progress.message(f"{len(windows)} query window(s) of {size[0]}x{size[1]}x{size[2]} at {spacing:g} mm")
-
-    # 2. prototypes from the supports ---------------------------------------------------------
-    protos = []
-    with progress.stage(f"encoding supports ({backends.encoder.name})"):
-        for n, support in enumerate(prepared, start=1):
-            sgrid = support.image.grid.canonical(spacing)
-            with timer.time("resample"):
-                simage = resample(support.image, sgrid, fill="min")
-                smask = resample(support.mask, sgrid)
-            sfill = float(np.min(support.image.array))
-            sbounds = roi_bounds(smask.array > 0, sgrid)
-            if sbounds is None:
-                raise PipelineError(f"support {n}: its mask vanished when resampled to {spacing:g} mm (structure too small)")
-            for window in progress.iterate(tile_windows(sgrid, sbounds[0], sbounds[1], size), f"support {n} windows"):
-                mask_win = window.crop(smask.array)
-                if not mask_win.any():
-                    continue
-                with timer.time("encode"):
-                    feats = backends.encoder.encode(window.crop_volume(simage, fill=sfill))
-                with timer.time("semantic_prior"):
-                    protos.append(extract_prototypes(feats.data.to(device), torch.as_tensor(mask_win, device=device)))
-    prototypes = torch.cat(protos) if protos else torch.zeros(0)
-    if prototypes.shape[0] == 0:
-        raise PipelineError("no prototype could be taken from the support masks (structure smaller than a feature voxel)")
-    progress.message(f"{prototypes.shape[0]} prototype(s) of {prototypes.shape[1]} channels")
-
-    # 3. semantic prior on the query windows ---------------------------------------------------
-    p_sim_merge = WindowMerger(work_grid.shape, device)
-    entropy_merge = WindowMerger(work_grid.shape, device)
-    query_windows: list[tuple[Window, Features, Volume]] = []
-    with progress.stage(f"encoding query ({len(windows)} window(s))"):
-        for window in progress.iterate(windows, "query windows"):
-            qimage = window.crop_volume(query_work, fill=query_fill)
-            with timer.time("encode"):
-                feats = backends.encoder.encode(qimage)
-            with timer.time("semantic_prior"):
-                p_sim_f, entropy_f = semantic_prior(
-                    feats.data.to(device), prototypes, config.priors.tau_s, config.priors.tau_e
-                )
-                p_sim_merge.add(window, features_to_window(p_sim_f, feats))
-                entropy_merge.add(window, features_to_window(entropy_f, feats))
-            query_windows.append((window, feats, qimage))
-    p_sim = p_sim_merge.result(MAP_DEFAULTS["p_sim"]).clamp(0, 1)
-    entropy = entropy_merge.result(MAP_DEFAULTS["entropy"]).clamp(0, 1)
-
-    # 4. fusion --------------------------------------------------------------------------------
-    with timer.time("fuse"):
-        fused = backends.fusion.fuse(p_reg, p_sim, entropy)
-        if fused.shape != p_reg.shape:
-            raise PipelineError(f"fusion '{backends.fusion.name}' returned shape {tuple(fused.shape)}, expected {tuple(p_reg.shape)}")
-        fused = torch.nan_to_num(fused.to(torch.float32), nan=0.0, posinf=50.0, neginf=-50.0)
-
-    # 5. decoding and paste-back ----------------------------------------------------------------
-    logits_merge = WindowMerger(work_grid.shape, device)
-    with progress.stage(f"decoding ({backends.decoder.name})"):
-        for window, feats, qimage in query_windows:
-            fused_win = tensor_to_volume(window.crop(fused, fill=OUTSIDE_LOGIT), window.grid, name="fused_logits")
-            with timer.time("decode"):
-                out = backends.decoder.decode(fused_win, feats, qimage)
-            if not out.grid.same_as(window.grid):
-                raise PipelineError(f"decoder '{backends.decoder.name}' returned logits on {out.grid.describe()}, expected the window grid")
-            logits_merge.add(window, torch.as_tensor(np.asarray(out.array, dtype=np.float32)))
-    logits = logits_merge.result(OUTSIDE_LOGIT)
-
-    maps = {
-        "p_reg": tensor_to_volume(p_reg, work_grid, "p_reg"),
-        "p_sim": tensor_to_volume(p_sim, work_grid, "p_sim"),
-        "entropy": tensor_to_volume(entropy, work_grid, "entropy"),
-        "fused_logits": tensor_to_volume(fused, work_grid, "fused_logits"),
-        "logits": tensor_to_volume(logits, work_grid, "logits"),
-    }
-    with progress.stage("pasting back onto the query grid"), timer.time("paste"):
-        query_logits = paste_to_grid(maps["logits"], query.grid, OUTSIDE_LOGIT)
-        mask = Volume((query_logits.array > config.threshold).astype(np.uint8), query.grid, is_label=True,
-                      name="prediction", modality=query.modality)
-        mask = backends.decoder.postprocess(mask)
-    return SegmentationResult(
-        mask=mask,
-        maps=maps,
-        work_grid=work_grid,
-        windows=windows,
-        query_grid=query.grid,
-        timings=dict(timer.seconds),
-        num_prototypes=int(prototypes.shape[0]),
-        config=config,
-    )
+    engine = Engine(config, registry=registry, progress=progress, backends=backends, cache=cache)
+    return engine.run(supports, query)
