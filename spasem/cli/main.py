@@ -99,6 +99,10 @@ def _register_builtin_commands() -> None:
 
     cli.add_command(run_cmd.run)
     cli.add_command(plugins_cmd.plugins)
+    from spasem.cli import demo_cmd, phantoms_cmd
+
+    cli.add_command(phantoms_cmd.phantoms)
+    cli.add_command(demo_cmd.demo)
 
 
 _register_builtin_commands()
