@@ -178,7 +178,7 @@ def create_plugin_manager(load_entrypoints: bool = True, extra_plugins: tuple[An
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin '{exc.plugin_name}': {exc}") from None
+        raise PluginError(f"invalid plugin hook: {exc}") from None
     return pm
 
 
