@@ -36,8 +36,8 @@ from spasem.errors import ConfigError, InputError, WeightsError
 
 #: the official network input shape
 OFFICIAL_INPUT_SHAPE = (175, 175, 175)
-#: the smallest side the network's pooling pyramid accepts
-MIN_INPUT_SIDE = 64
+#: the smallest side the network's pooling pyramid accepts (64 reaches a 1-voxel level and fails)
+MIN_INPUT_SIDE = 65
 #: instance-optimisation defaults of the official command line
 DEFAULT_IO_STEPS = 50
 DEFAULT_IO_LEARNING_RATE = 2e-5
@@ -63,7 +63,7 @@ def _import_unigradicon():
 
 def build_network(input_shape: tuple[int, int, int] = OFFICIAL_INPUT_SHAPE) -> torch.nn.Module:
     """The (uni|multi)GradICON architecture (both share it) with random weights, for inputs of
-    ``input_shape`` voxels (each side >= 64). Its last layer is zero-initialised: a random
+    ``input_shape`` voxels (each side >= 65). Its last layer is zero-initialised: a random
     network returns exactly zero displacement."""
     shape = tuple(int(s) for s in input_shape)
     if len(shape) != 3 or min(shape) < MIN_INPUT_SIDE:

@@ -46,7 +46,7 @@ class GradICONOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input_shape: tuple[int, int, int] = Field(
-        OFFICIAL_INPUT_SHAPE, description="network input grid in voxels (official 175^3; each side >= 64)"
+        OFFICIAL_INPUT_SHAPE, description="network input grid in voxels (official 175^3; each side >= 65)"
     )
     io_steps: int | None = Field(
         None, ge=0, le=10_000,
@@ -72,8 +72,8 @@ class GradICONOptions(BaseModel):
     @field_validator("input_shape")
     @classmethod
     def _shape_large_enough(cls, value):
-        if min(value) < 64:
-            raise ValueError(f"each side must be at least 64 voxels (the network's pooling pyramid), got {value}")
+        if min(value) < 65:
+            raise ValueError(f"each side must be at least 65 voxels (the network's pooling pyramid), got {value}")
         return value
 
 
