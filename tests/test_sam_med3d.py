@@ -46,6 +46,18 @@ def test_fast_windowed_block_equals_the_module(grid):
     assert float((fast - reference).abs().max()) <= 1e-5
 
 
+def test_fast_path_under_autocast_matches_the_module_under_autocast():
+    """Mixed precision (on CUDA: fp16/bf16 autocast) goes through the same dtype plumbing; checked
+    here with CPU bf16 autocast."""
+    block = _random_block(dim=96, heads=4, window=14, grid=(8, 8, 8), seed=2)
+    x = torch.randn(1, 8, 8, 8, 96)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = block(x)
+        fast = sam.fast_block_forward(block, x)
+    assert fast.dtype == reference.dtype
+    assert float((fast.float() - reference.float()).abs().max()) <= 1e-5
+
+
 def test_fast_path_falls_back_where_it_does_not_apply():
     big = _random_block(dim=48, heads=2, window=4, grid=(6, 6, 6))  # grid larger than one window
     glob = _random_block(dim=48, heads=2, window=0, grid=(5, 5, 5))  # global attention

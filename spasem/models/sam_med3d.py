@@ -93,12 +93,23 @@ _CACHE: dict[tuple, torch.nn.Module] = {}
 _CACHE_LOCK = threading.Lock()
 
 
+def _cache_key(path: str | os.PathLike, device: torch.device | str) -> tuple:
+    p = Path(path).resolve()
+    st = p.stat()
+    return (str(p), st.st_size, st.st_mtime_ns, str(torch.device(device)))
+
+
+def is_cached(path: str | os.PathLike, device: torch.device | str = "cpu") -> bool:
+    """True when :func:`cached_model` would not need to load ``path``."""
+    with _CACHE_LOCK:
+        return _cache_key(path, device) in _CACHE
+
+
 def cached_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> torch.nn.Module:
     """:func:`load_model`, shared by the encoder and the decoder: the last loaded checkpoint is
     kept (keyed by file, size, modification time and device)."""
     p = Path(path).resolve()
-    st = p.stat()
-    key = (str(p), st.st_size, st.st_mtime_ns, str(torch.device(device)))
+    key = _cache_key(p, device)
     with _CACHE_LOCK:
         model = _CACHE.get(key)
         if model is None:

@@ -38,9 +38,11 @@ def load_shared_model(backend, checkpoint: str | None):
     """The SAM-Med3D model for a backend: weights resolved (downloaded if allowed), loaded once
     per process and device."""
     from spasem import weights
-    from spasem.models.sam_med3d import WEIGHTS_NAME, cached_model
+    from spasem.models.sam_med3d import WEIGHTS_NAME, cached_model, is_cached
 
     path = weights.resolve(WEIGHTS_NAME, checkpoint, progress=backend.context.progress.enabled)
+    if is_cached(path, backend.device):
+        return cached_model(path, backend.device)
     with backend.context.progress.stage(f"loading SAM-Med3D ({path.name})"):
         return cached_model(path, backend.device)
 
