@@ -34,6 +34,13 @@ class SamMed3DOptions(BaseModel):
     )
 
 
+def normalise_window(values: np.ndarray) -> np.ndarray:
+    """SAM-Med3D's input normalisation: z-score of the whole window with the mean and unbiased
+    standard deviation of its voxels > 0 (all voxels when none is > 0)."""
+    values = np.asarray(values, dtype=np.float32)
+    return zscore(values, values > 0)
+
+
 def load_shared_model(backend, checkpoint: str | None):
     """The SAM-Med3D model for a backend: weights resolved (downloaded if allowed), loaded once
     per process and device."""
@@ -76,8 +83,7 @@ class SamMed3DEncoder(Encoder):
                 f"encoder 'sam-med3d' needs {WINDOW}^3 windows (its positional embedding is fixed); got "
                 f"{'x'.join(map(str, image.shape))}: set window.size={WINDOW}"
             )
-        values = np.asarray(image.array, dtype=np.float32)
-        normalised = zscore(values, values > 0)
+        normalised = normalise_window(image.array)
         x = torch.from_numpy(np.ascontiguousarray(normalised))[None, None].to(self.device)
         with torch.no_grad(), autocast_context(self.device, self.context.mixed_precision):
             embedding = encoder_forward(self.model.image_encoder, x, fast=self.config.fast_attention)
