@@ -154,6 +154,20 @@ def test_model_choice_and_the_weights_it_needs(tmp_path, monkeypatch):
         _backend("gradicon").register(ct, mr)
 
 
+def test_instance_optimisation_default_depends_on_the_device():
+    cpu_out, cuda_out = io.StringIO(), io.StringIO()
+    cpu = _backend("gradicon", progress=Progress(enabled=True, stream=cpu_out))
+    assert cpu.io_steps() == 0 and "instance optimisation: off (CPU default" in cpu_out.getvalue()
+    from spasem.core.registry import get_registry
+
+    # a CUDA context (the device object needs no GPU; nothing runs on it here)
+    cuda = get_registry().create("registration", "gradicon", {},
+                                 RunContext(device=torch.device("cuda"), progress=Progress(enabled=True, stream=cuda_out)))
+    assert cuda.io_steps() == 50 and "50 steps (the models' default, on CUDA)" in cuda_out.getvalue()
+    forced = _backend("gradicon", io_steps=3)
+    assert forced.io_steps() == 3
+
+
 def test_options_are_validated():
     from spasem.core.registry import get_registry
 

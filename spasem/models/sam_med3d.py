@@ -230,8 +230,11 @@ def autocast_context(device: torch.device, enabled: bool) -> Any:
 
     if not enabled or device.type != "cuda":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    try:
+        bf16 = torch.cuda.is_bf16_supported()
+    except (RuntimeError, AssertionError):  # no usable CUDA runtime
+        bf16 = False
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if bf16 else torch.float16)
 
 
 def window_prompt(logits: torch.Tensor, clip: float | None) -> torch.Tensor:
