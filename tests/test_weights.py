@@ -250,7 +250,8 @@ def test_cli_list_path_and_fetch_from_a_local_file(payload):
     assert weights.weights_path("unigradicon").read_bytes() == payload.read_bytes()
     verified = runner.invoke(cli, ["weights", "verify"])
     assert verified.exit_code == 0, verified.output
-    assert "ok" in verified.output and "recorded at first fetch" in verified.output
+    line = next(l for l in verified.output.splitlines() if l.startswith("unigradicon"))
+    assert line.split()[1] == "ok" and "recorded at first fetch" in line
 
     official = runner.invoke(cli, ["weights", "fetch", "sam-med3d-turbo", "--from", str(payload), "-q"])
     assert official.exit_code == WeightsError.exit_code
