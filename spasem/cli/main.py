@@ -95,10 +95,11 @@ def cli() -> None:
 
 
 def _register_builtin_commands() -> None:
-    from spasem.cli import plugins_cmd, run_cmd
+    from spasem.cli import plugins_cmd, run_cmd, weights_cmd
 
     cli.add_command(run_cmd.run)
     cli.add_command(plugins_cmd.plugins)
+    cli.add_command(weights_cmd.weights)
 
 
 _register_builtin_commands()

@@ -33,6 +33,9 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "spasem.plugins.fusion.builtin",
     "spasem.plugins.decoders.threshold",
     "spasem.plugins.presets",
+    "spasem.plugins.registration.gradicon",
+    "spasem.plugins.encoders.sam_med3d",
+    "spasem.plugins.decoders.sam_med3d",
 )
 
 #: hook name per backend kind

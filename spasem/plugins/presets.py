@@ -11,7 +11,19 @@ BASIC = {
     "decoder": {"name": "threshold"},
 }
 
+#: the method of the paper: foundation-model registration (multiGradICON across modalities,
+#: uniGradICON within one), SAM-Med3D features, entropy-gated fusion, SAM-Med3D decoding
+PAPER = {
+    "registration": {"name": "gradicon", "options": {"model": "auto"}},
+    "encoder": {"name": "sam-med3d"},
+    "fusion": {"name": "entropy_gate"},
+    "decoder": {"name": "sam-med3d"},
+    "window": {"size": [128, 128, 128], "spacing_mm": 1.5},
+}
+
 
 @hookimpl
 def spasem_register_presets(register):
     register("basic", BASIC, "weight-free baseline: centre alignment + multi-scale intensity features (same modality)")
+    register("paper", PAPER, "the paper's method: multi/uniGradICON + SAM-Med3D features + entropy gate + SAM-Med3D "
+             "decoder (needs weights: `spasem weights fetch all`)")
