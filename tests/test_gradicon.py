@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from backbone_helpers import isolate, phantom, shared_weights_home
+from tests.backbone_helpers import isolate, phantom, shared_weights_home
 
 from spasem.core.backends import RunContext
 from spasem.core.progress import Progress

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from backbone_helpers import isolate, phantom, shared_weights_home
+from tests.backbone_helpers import isolate, phantom, shared_weights_home
 from click.testing import CliRunner
 
 import spasem

@@ -8,7 +8,7 @@ import argparse
 import numpy as np
 import pytest
 import torch
-from backbone_helpers import isolate, shared_weights_home, write_sam_checkpoint
+from tests.backbone_helpers import isolate, shared_weights_home, write_sam_checkpoint
 
 from spasem.core.backends import Features, RunContext
 from spasem.core.volume import RAS_DIRECTION, Grid, Volume
