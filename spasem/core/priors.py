@@ -233,9 +233,9 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
     """Rows of ``x`` [n, C] scaled to unit L2 norm (zero rows stay zero). Pre-scaled by the
     largest magnitude, so that no finite input overflows or underflows in the norm."""
     scale = x.abs().amax(dim=1, keepdim=True)
-    x = x / torch.where(scale > 0, scale, torch.ones_like(scale))
+    x = x / torch.where(scale > 0, scale, torch.ones_like(scale))  # a new tensor: divided in place below
     norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-    return x / torch.where(norm > 0, norm, torch.ones_like(norm))
+    return x.div_(torch.where(norm > 0, norm, torch.ones_like(norm)))
 
 
 def semantic_block_sizes(
