@@ -80,7 +80,7 @@ def gaussian_smooth(volume: torch.Tensor, sigma: float, truncate: float = DEFAUL
     :returns: float32 (float64 for float64 input) ``[D, H, W]`` on the input's device.
 
     Each axis is a sum of ``2r + 1`` shifted copies of the zero-padded volume (exactly a
-    correlation with the symmetric kernel): several times faster than ``conv3d`` on CPU. Taps
+    correlation with the symmetric kernel): 1.4-3.7x faster than ``conv3d`` on 2 CPU cores. Taps
     farther than the axis length only ever meet padding zeros and are skipped.
     """
     if volume.ndim != 3:
