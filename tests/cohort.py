@@ -51,14 +51,19 @@ def make_case(subject: int, modality: str, seed: int = 0, shape=(40, 40, 28), sp
 
 
 def write_cohort(folder: Path, subjects: int = 3, modalities: Sequence[str] = ("ct", "mr"), seed: int = 0,
-                 drop: dict[str, Sequence[str]] | None = None) -> Path:
-    """Write the cohort and its ``manifest.json`` under ``folder``; ``drop``: case id -> organs left out."""
+                 drop: dict[str, Sequence[str]] | None = None, shift_mm: dict[str, Sequence[float]] | None = None) -> Path:
+    """Write the cohort and its ``manifest.json`` under ``folder``; ``drop``: case id -> organs left
+    out; ``shift_mm``: case id -> translation of its origin (image and label alike)."""
     folder.mkdir(parents=True, exist_ok=True)
     cases = []
     for s in range(subjects):
         for modality in modalities:
             case_id = f"s{s:03d}_{modality}"
             image, label = make_case(s, modality, seed, drop=(drop or {}).get(case_id, ()))
+            if shift_mm and case_id in shift_mm:
+                origin = image.origin + np.asarray(shift_mm[case_id], dtype=float)
+                image = Volume.from_array(image.array, spacing=image.spacing, origin=origin)
+                label = Volume.from_array(label.array, spacing=label.spacing, origin=origin, is_label=True)
             save(image, folder / f"{case_id}.nii.gz")
             save(label, folder / f"{case_id}_label.nii.gz")
             cases.append(Case(id=case_id, image=f"{case_id}.nii.gz", label=f"{case_id}_label.nii.gz",

@@ -249,5 +249,5 @@ def test_aggregation_averages_draws_per_query_then_across_queries():
     table = markdown_tables(aggregate(rows))
     line = next(l for l in table.splitlines() if l.startswith("| basic / mean |"))
     assert line == "| basic / mean | 56.7 ± 41.6 | - | - | 50.0 ± 0.0 | 53.3 |"
-    assert "1 case(s) failed and are left out" in table
-    assert "HD95 undefined (empty prediction) in 1 case(s)" in table
+    assert "Failed cases, left out: basic / mean 1 of 7 (see the error column of cases.csv)" in table
+    assert "HD95 undefined (empty prediction), left out: basic / mean 1 of 7." in table

@@ -196,9 +196,10 @@ def evaluate(
     header = (f"Supports: `{supports}`{f' ({support_modality})' if support_modality else ''}, {len(support_refs)} case(s); "
               f"queries: `{queries}`{f' ({query_modality})' if query_modality else ''}, {len(query_refs)} case(s); "
               f"{draws} draw(s) per query, seed {seed}.")
-    files.append(write_text(out / "table.md", report.markdown_tables(groups, header)))
+    row_order = [(m.name, f) for m in methods for f in m.fusion_names]
+    files.append(write_text(out / "table.md", report.markdown_tables(groups, header, row_order)))
     if groups:
-        files.append(report.plot_dice_vs_shots(groups, organs, out / "dice_vs_shots.png"))
+        files.append(report.plot_dice_vs_shots(groups, organs, out / "dice_vs_shots.png", row_order))
         from spasem.evaluation.protocol import _safe
 
         for method in methods:

@@ -124,8 +124,10 @@ def method_label(method: str, fusion: str) -> str:
     return f"{method} / {fusion}"
 
 
-def markdown_tables(groups: Sequence[dict[str, Any]], header: str = "") -> str:
-    """``table.md``: per metric, one table per (direction, shots) in the paper's layout."""
+def markdown_tables(groups: Sequence[dict[str, Any]], header: str = "",
+                    row_order: Sequence[tuple[str, str]] | None = None) -> str:
+    """``table.md``: per metric, one table per (direction, shots) in the paper's layout; rows
+    (method, fusion) in ``row_order`` (default: as they come in ``groups``)."""
     lines = ["# spasem evaluation", ""]
     if header:
         lines += [header, ""]
@@ -136,7 +138,7 @@ def markdown_tables(groups: Sequence[dict[str, Any]], header: str = "") -> str:
     ]
     index = {(g["direction"], g["shots"], g["method"], g["fusion"], g["organ"]): g for g in groups}
     blocks = sorted({(g["direction"], g["shots"]) for g in groups}, key=lambda b: (_direction_key(b[0]), b[1]))
-    rows_order = list(dict.fromkeys((g["method"], g["fusion"]) for g in groups))
+    rows_order = list(dict.fromkeys([*(row_order or []), *((g["method"], g["fusion"]) for g in groups)]))
     columns = [ORGAN_COLUMNS[o] for o in ORGANS]
     for metric, title in METRICS.items():
         lines += [f"## {title}", ""]
@@ -144,11 +146,12 @@ def markdown_tables(groups: Sequence[dict[str, Any]], header: str = "") -> str:
             lines += [f"### {direction}, {shots}-shot", ""]
             lines.append("| Method / fusion | " + " | ".join(columns) + " | Mean |")
             lines.append("|---|" + "---|" * (len(columns) + 1))
-            failed = 0
-            undefined = 0
+            failed: list[str] = []
+            undefined: list[str] = []
             for method, fusion in rows_order:
                 cells, means = [], []
                 present = False
+                n_failed = n_cases = n_undefined = 0
                 for organ in ORGANS:
                     g = index.get((direction, shots, method, fusion, organ))
                     present = present or g is not None
@@ -156,20 +159,24 @@ def markdown_tables(groups: Sequence[dict[str, Any]], header: str = "") -> str:
                     cells.append(_cell(stats, metric))
                     if stats and stats.get("mean") is not None:
                         means.append(stats["mean"])
-                    if g and metric == "dice":
-                        failed += g["failed"]
-                    if g and metric == "hd95":
-                        undefined += g["hd95"].get("undefined", 0)
+                    if g:
+                        n_failed += g["failed"]
+                        n_cases += g["cases"]
+                        n_undefined += g["hd95"].get("undefined", 0)
                 if not present:
                     continue
                 scale = 100.0 if metric.startswith("dice") else 1.0
                 mean = f"{np.mean(means) * scale:.1f}" if means else "-"
                 lines.append(f"| {method_label(method, fusion)} | " + " | ".join(cells) + f" | {mean} |")
+                if n_failed:
+                    failed.append(f"{method_label(method, fusion)} {n_failed} of {n_cases}")
+                if n_undefined and metric == "hd95":
+                    undefined.append(f"{method_label(method, fusion)} {n_undefined} of {n_cases}")
             lines.append("")
             if failed:
-                lines += [f"{failed} case(s) failed and are left out (see the error column of cases.csv).", ""]
+                lines += [f"Failed cases, left out: {'; '.join(failed)} (see the error column of cases.csv).", ""]
             if undefined:
-                lines += [f"HD95 undefined (empty prediction) in {undefined} case(s), left out.", ""]
+                lines += [f"HD95 undefined (empty prediction), left out: {'; '.join(undefined)}.", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -191,13 +198,14 @@ def _save_png(fig, path: Path) -> Path:
     return path
 
 
-def plot_dice_vs_shots(groups: Sequence[dict[str, Any]], organs: Sequence[str], path: Path) -> Path:
+def plot_dice_vs_shots(groups: Sequence[dict[str, Any]], organs: Sequence[str], path: Path,
+                       row_order: Sequence[tuple[str, str]] | None = None) -> Path:
     """Mean Dice 3D (± std across queries) against the number of supports k: one panel per
     (direction, organ), one line per method / fusion."""
     directions = sorted({g["direction"] for g in groups}, key=_direction_key)
     fig = _figure(3.2 * len(organs), 2.8 * max(1, len(directions)))
     axes = fig.subplots(max(1, len(directions)), len(organs), squeeze=False)
-    lines = list(dict.fromkeys((g["method"], g["fusion"]) for g in groups))
+    lines = list(dict.fromkeys([*(row_order or []), *((g["method"], g["fusion"]) for g in groups)]))
     all_shots = sorted({g["shots"] for g in groups})
     for r, direction in enumerate(directions):
         for c, organ in enumerate(organs):

@@ -150,7 +150,7 @@ def _execute_dask(tasks: Sequence[UnitTask], scheduler: str, deliver: Callable[[
         for task in tasks:
             future = client.submit(run_unit, task, pure=False)
             futures[future] = task
-        for future in as_completed(list(futures)):
+        for future in as_completed(list(futures), loop=client.loop):
             task = futures[future]
             try:
                 record = future.result()

@@ -1,0 +1,205 @@
+"""``spasem evaluate`` end to end through the CLI: the protocol on a small cohort (3 CT + 3 MR
+subjects, k in {1, 2}, 2 draws), tables checked against cases.csv, resume, failures, Dask."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cohort import write_cohort
+from spasem.cli.main import cli
+from spasem.core.io import load
+from spasem.core.metrics import dice
+
+ORGAN_COLUMNS = {"liver": "Liver", "left_kidney": "LK", "right_kidney": "RK", "spleen": "Spleen"}
+CHEAP = ["--set", "window.size=32", "--set", "window.spacing_mm=3", "-q"]
+
+
+def invoke(*args: str) -> str:
+    result = CliRunner().invoke(cli, ["evaluate", *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def read_cases(out: Path) -> list[dict[str, str]]:
+    with (out / "cases.csv").open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def parse_tables(text: str) -> dict[tuple[str, str, int], dict[str, list[str]]]:
+    """(metric title, direction, shots) -> row label -> cells (Liver, LK, RK, Spleen, Mean)."""
+    tables: dict = {}
+    metric = block = None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            metric = line[3:].strip()
+        elif line.startswith("### "):
+            m = re.fullmatch(r"### (\S+), (\d+)-shot", line)
+            assert m, line
+            block = (metric, m.group(1), int(m.group(2)))
+            tables[block] = {}
+        elif line.startswith("| ") and block and not line.startswith("| Method"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            tables[block][cells[0]] = cells[1:]
+    return tables
+
+
+def expected_cell(rows: list[dict[str, str]], column: str, scale: float) -> tuple[str, float | None]:
+    by_query = defaultdict(list)
+    for row in rows:
+        if row[column] != "":
+            by_query[row["query"]].append(float(row[column]))
+    means = [np.mean(v) for v in by_query.values()]
+    if not means:
+        return "-", None
+    std = np.std(means, ddof=1) if len(means) > 1 else 0.0
+    return f"{np.mean(means) * scale:.1f} ± {std * scale:.1f}", float(np.mean(means))
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    return write_cohort(tmp_path_factory.mktemp("cohort"), subjects=3)
+
+
+@pytest.fixture(scope="module")
+def protocol_run(cohort, tmp_path_factory) -> tuple[Path, list[str]]:
+    out = tmp_path_factory.mktemp("eval") / "out"
+    args = ["--supports", str(cohort), "--support-modality", "CT", "--queries", str(cohort), "--query-modality", "MR",
+            "--out", str(out), "--shots", "1,2", "--draws", "2", "--fusion", "entropy_gate,mean", "--workers", "2", *CHEAP]
+    invoke(*args)
+    return out, args
+
+
+@pytest.mark.slow
+def test_protocol_tables_match_the_cases(protocol_run):
+    out, _ = protocol_run
+    rows = read_cases(out)
+    # one row per query, organ, shots, draw and fusion
+    keys = {(r["query"], r["organ"], r["shots"], r["draw"], r["fusion"]) for r in rows}
+    assert len(rows) == len(keys) == 3 * 4 * 2 * 2 * 2
+    assert {r["direction"] for r in rows} == {"CT->MRI"}
+    assert all(r["error"] == "" and r["dice"] != "" and float(r["seconds"]) > 0 for r in rows)
+    by_draw = {}
+    for r in rows:
+        supports = r["supports"].split(";")
+        assert len(supports) == int(r["shots"])
+        assert all(s.endswith("_ct") and s[:4] != r["query"][:4] for s in supports)  # other subjects' CTs
+        by_draw.setdefault((r["query"], r["organ"], r["draw"]), {})[int(r["shots"])] = supports
+    for draws in by_draw.values():
+        assert draws[2][:1] == draws[1]
+    # the registration-only ablation of this cohort is clearly above chance: the metrics see the organs
+    tables = parse_tables((out / "table.md").read_text())
+    assert set(tables) == {(m, "CT->MRI", k) for m in ("Dice 3D (%)", "Dice 2D (%)", "HD95 (mm)") for k in (1, 2)}
+    for (metric, direction, shots), table in tables.items():
+        column, scale = {"Dice 3D (%)": ("dice", 100.0), "Dice 2D (%)": ("dice_2d", 100.0), "HD95 (mm)": ("hd95", 1.0)}[metric]
+        assert set(table) == {"default / entropy_gate", "default / mean"}
+        for label, cells in table.items():
+            fusion = label.split(" / ")[1]
+            organ_means = []
+            for n, organ in enumerate(ORGAN_COLUMNS):
+                mine = [r for r in rows if r["fusion"] == fusion and r["organ"] == organ and int(r["shots"]) == shots]
+                text, mean = expected_cell(mine, column, scale)
+                assert cells[n] == text, (metric, shots, label, organ)
+                organ_means.append(mean)
+            assert cells[4] == f"{np.mean(organ_means) * scale:.1f}"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["units"] == 48 and summary["counts"]["failed_rows"] == 0
+    group = next(g for g in summary["groups"] if g["organ"] == "liver" and g["shots"] == 1 and g["fusion"] == "mean")
+    mine = [r for r in rows if r["fusion"] == "mean" and r["organ"] == "liver" and r["shots"] == "1"]
+    assert group["dice"]["mean"] == pytest.approx(expected_cell(mine, "dice", 1.0)[1])
+    assert group["dice"]["n"] == 3
+    for name in ("dice_vs_shots.png", "boxplot_default_entropy_gate.png", "boxplot_default_mean.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the stage cache holds registrations, prototypes and query features for reruns and other shots
+    assert {p.name for p in (out / "cache").iterdir()} >= {"warp", "prototypes", "query_features"}
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_cases_and_recomputes_missing_ones(protocol_run):
+    out, args = protocol_run
+    table = (out / "table.md").read_text()
+    cases = (out / "cases.csv").read_text()
+    results = sorted((out / "results").rglob("*.json"))
+    assert len(results) == 48
+    stamps = {p: p.stat().st_mtime_ns for p in results}
+    output = invoke(*[a for a in args if a != "-q"])
+    assert "48 already finished, 0 run now" in output
+    assert all(p.stat().st_mtime_ns == stamps[p] for p in results)
+    assert (out / "table.md").read_text() == table
+    assert (out / "cases.csv").read_text() == cases
+    # losing three results (an interrupted run): only those run again, with the same numbers
+    for path in results[:3]:
+        path.unlink()
+    output = invoke(*[a for a in args if a != "-q"], "--workers", "1")
+    assert "45 already finished, 3 run now" in output
+    assert (out / "table.md").read_text() == table
+    metrics = lambda text: [r[:13] for r in csv.reader(text.splitlines())]  # noqa: E731  (no timings)
+    assert metrics((out / "cases.csv").read_text()) == metrics(cases)
+
+
+def test_failed_cases_are_recorded_and_do_not_stop_the_others(tmp_path):
+    # s001_ct lies 5 m away: with the identity registration its mask misses every query
+    manifest = write_cohort(tmp_path / "cohort", subjects=3, shift_mm={"s001_ct": (5000.0, 0.0, 0.0)})
+    out = tmp_path / "out"
+    args = ["--supports", str(manifest), "--support-modality", "CT", "--queries", str(manifest), "--query-modality", "MR",
+            "--out", str(out), "--organs", "liver", "--draws", "3", "--fusion", "spatial_only,mean", "--workers", "1",
+            "--set", "registration.name=identity", *CHEAP]
+    invoke(*args)
+    rows = read_cases(out)
+    assert len(rows) == 3 * 3 * 2
+    failed = [r for r in rows if r["error"]]
+    assert failed and len(failed) < len(rows)
+    for r in rows:
+        if "s001_ct" in r["supports"]:
+            assert "PipelineError" in r["error"] and "outside the query's field of view" in r["error"]
+            assert r["dice"] == r["dice_2d"] == r["hd95"] == r["seconds"] == ""
+        else:
+            assert r["error"] == "" and float(r["dice"]) > 0.2
+    table = (out / "table.md").read_text()
+    n = len(failed) // 2
+    assert f"Failed cases, left out: default / spatial_only {n} of 9; default / mean {n} of 9" in table
+    assert json.loads((out / "summary.json").read_text())["counts"]["failed_rows"] == len(failed)
+    # a rerun keeps the recorded failures; --retry-failed runs them again
+    assert "9 already finished, 0 run now" in invoke(*[a for a in args if a != "-q"])
+    assert f"run now" in (again := invoke(*[a for a in args if a != "-q"], "--retry-failed"))
+    assert f"{9 - len(failed) // 2} already finished, {len(failed) // 2} run now" in again
+
+
+@pytest.fixture
+def dask_cluster():
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  memory_limit="2GiB", silence_logs=40) as cluster:
+        yield cluster
+
+
+@pytest.mark.slow
+def test_dask_cluster_gives_the_same_results_as_this_process(cohort, tmp_path, dask_cluster):
+    common = ["--supports", str(cohort), "--support-modality", "MR", "--query-modality", "MR", "--organs", "liver,spleen",
+              "--draws", "1", "--fusion", "mean", *CHEAP]
+    invoke(*common, "--out", str(tmp_path / "dask"), "--scheduler", dask_cluster.scheduler_address)
+    invoke(*common, "--out", str(tmp_path / "local"), "--workers", "1", "--save-predictions")
+    on_dask, local = read_cases(tmp_path / "dask"), read_cases(tmp_path / "local")
+    assert len(on_dask) == len(local) == 6
+    assert [(r["query"], r["organ"], r["supports"], r["dice"], r["hd95"]) for r in on_dask] == [
+        (r["query"], r["organ"], r["supports"], r["dice"], r["hd95"]) for r in local]
+    for r in on_dask:  # uni-modal: never the query itself nor its subject
+        assert r["supports"] != r["query"] and r["supports"][:4] != r["query"][:4]
+    hosts = {json.loads(p.read_text())["host"].split(":")[1] for p in (tmp_path / "dask" / "results").rglob("*.json")}
+    assert str(os.getpid()) not in hosts
+    # saved predictions give back the Dice of the table
+    manifest = json.loads(Path(cohort).read_text())
+    labels = {c["id"]: Path(cohort).parent / c["label"] for c in manifest["cases"]}
+    for r in local:
+        path = tmp_path / "local" / "predictions" / "default" / "mean" / r["query"] / f"{r['organ']}_k1_d0.nii.gz"
+        truth = load(labels[r["query"]], is_label=True)
+        label_id = manifest["label_names"][r["organ"]]
+        assert dice(load(path, is_label=True).array, truth.array == label_id) == pytest.approx(float(r["dice"]))
