@@ -146,31 +146,32 @@ def test_rerun_skips_finished_cases_and_recomputes_missing_ones(protocol_run):
 
 
 def test_failed_cases_are_recorded_and_do_not_stop_the_others(tmp_path):
-    # s001_ct lies 5 m away: with the identity registration its mask misses every query
+    # s001_ct lies 5 m away: with the identity registration its mask misses every query. With 2
+    # shots, the queries s000_mr and s002_mr always get it (their pools are {s001_ct, s00x_ct}),
+    # s001_mr never (its own subject is excluded).
     manifest = write_cohort(tmp_path / "cohort", subjects=3, shift_mm={"s001_ct": (5000.0, 0.0, 0.0)})
     out = tmp_path / "out"
     args = ["--supports", str(manifest), "--support-modality", "CT", "--queries", str(manifest), "--query-modality", "MR",
-            "--out", str(out), "--organs", "liver", "--draws", "3", "--fusion", "spatial_only,mean", "--workers", "1",
-            "--set", "registration.name=identity", *CHEAP]
+            "--out", str(out), "--organs", "liver", "--shots", "2", "--draws", "2", "--fusion", "spatial_only,mean",
+            "--workers", "1", "--set", "registration.name=identity", *CHEAP]
     invoke(*args)
     rows = read_cases(out)
-    assert len(rows) == 3 * 3 * 2
-    failed = [r for r in rows if r["error"]]
-    assert failed and len(failed) < len(rows)
+    assert len(rows) == 3 * 2 * 2
     for r in rows:
-        if "s001_ct" in r["supports"]:
+        if r["query"] != "s001_mr":
             assert "PipelineError" in r["error"] and "outside the query's field of view" in r["error"]
             assert r["dice"] == r["dice_2d"] == r["hd95"] == r["seconds"] == ""
         else:
             assert r["error"] == "" and float(r["dice"]) > 0.2
     table = (out / "table.md").read_text()
-    n = len(failed) // 2
-    assert f"Failed cases, left out: default / spatial_only {n} of 9; default / mean {n} of 9" in table
-    assert json.loads((out / "summary.json").read_text())["counts"]["failed_rows"] == len(failed)
+    assert "Failed cases, left out: default / spatial_only 4 of 6; default / mean 4 of 6" in table
+    assert json.loads((out / "summary.json").read_text())["counts"]["failed_rows"] == 8
+    tables = parse_tables(table)
+    assert tables[("Dice 3D (%)", "CT->MRI", 2)]["default / mean"][0] == expected_cell(
+        [r for r in rows if r["fusion"] == "mean"], "dice", 100.0)[0]
     # a rerun keeps the recorded failures; --retry-failed runs them again
-    assert "9 already finished, 0 run now" in invoke(*[a for a in args if a != "-q"])
-    assert f"run now" in (again := invoke(*[a for a in args if a != "-q"], "--retry-failed"))
-    assert f"{9 - len(failed) // 2} already finished, {len(failed) // 2} run now" in again
+    assert "6 already finished, 0 run now" in invoke(*[a for a in args if a != "-q"])
+    assert "2 already finished, 4 run now" in invoke(*[a for a in args if a != "-q"], "--retry-failed")
 
 
 @pytest.fixture
@@ -183,23 +184,28 @@ def dask_cluster():
 
 @pytest.mark.slow
 def test_dask_cluster_gives_the_same_results_as_this_process(cohort, tmp_path, dask_cluster):
-    common = ["--supports", str(cohort), "--support-modality", "MR", "--query-modality", "MR", "--organs", "liver,spleen",
-              "--draws", "1", "--fusion", "mean", *CHEAP]
+    # no modality filter: the CT+MR support set gives all four directions
+    common = ["--supports", str(cohort), "--organs", "liver", "--draws", "1", "--fusion", "mean", *CHEAP]
     invoke(*common, "--out", str(tmp_path / "dask"), "--scheduler", dask_cluster.scheduler_address)
     invoke(*common, "--out", str(tmp_path / "local"), "--workers", "1", "--save-predictions")
     on_dask, local = read_cases(tmp_path / "dask"), read_cases(tmp_path / "local")
-    assert len(on_dask) == len(local) == 6
-    assert [(r["query"], r["organ"], r["supports"], r["dice"], r["hd95"]) for r in on_dask] == [
-        (r["query"], r["organ"], r["supports"], r["dice"], r["hd95"]) for r in local]
-    for r in on_dask:  # uni-modal: never the query itself nor its subject
-        assert r["supports"] != r["query"] and r["supports"][:4] != r["query"][:4]
+    assert len(on_dask) == len(local) == 6 * 2
+    assert [(r["direction"], r["query"], r["supports"], r["dice"], r["hd95"]) for r in on_dask] == [
+        (r["direction"], r["query"], r["supports"], r["dice"], r["hd95"]) for r in local]
+    for r in on_dask:  # never the query itself nor its subject; supports of the direction's modality
+        assert r["supports"][:4] != r["query"][:4]
+        assert r["supports"].endswith("_ct") == r["direction"].startswith("CT->")
+        assert r["query"].endswith("_ct") == r["direction"].endswith("->CT")
+    tables = parse_tables((tmp_path / "dask" / "table.md").read_text())
+    assert [d for (m, d, k) in tables if m == "Dice 3D (%)"] == ["CT->MRI", "MRI->CT", "MRI->MRI", "CT->CT"]
     hosts = {json.loads(p.read_text())["host"].split(":")[1] for p in (tmp_path / "dask" / "results").rglob("*.json")}
     assert str(os.getpid()) not in hosts
     # saved predictions give back the Dice of the table
     manifest = json.loads(Path(cohort).read_text())
     labels = {c["id"]: Path(cohort).parent / c["label"] for c in manifest["cases"]}
     for r in local:
-        path = tmp_path / "local" / "predictions" / "default" / "mean" / r["query"] / f"{r['organ']}_k1_d0.nii.gz"
+        stem = f"{r['organ']}_{r['direction'].replace('->', '_to_')}_k1_d0.nii.gz"
+        path = tmp_path / "local" / "predictions" / "default" / "mean" / r["query"] / stem
         truth = load(labels[r["query"]], is_label=True)
         label_id = manifest["label_names"][r["organ"]]
         assert dice(load(path, is_label=True).array, truth.array == label_id) == pytest.approx(float(r["dice"]))

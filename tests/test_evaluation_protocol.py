@@ -17,7 +17,7 @@ from spasem.data.labelmaps import BUILTIN_LABEL_MAPS, canonical_organ, parse_org
 from spasem.data.manifest import build_manifest, read_manifest, write_manifest
 from spasem.errors import InputError
 from spasem.evaluation.datasets import DatasetError, case_refs, check_datasets
-from spasem.evaluation.protocol import CaseRef, Method, draw_order, eligible_supports, excluded, plan_units
+from spasem.evaluation.protocol import CaseRef, Method, draw_order, eligible_supports, excluded, plan_units, pool_shortfalls
 from spasem.evaluation.report import aggregate, case_rows, markdown_tables
 
 IDS = (("liver", 1), ("spleen", 2))
@@ -251,3 +251,35 @@ def test_aggregation_averages_draws_per_query_then_across_queries():
     assert line == "| basic / mean | 56.7 ± 41.6 | - | - | 50.0 ± 0.0 | 53.3 |"
     assert "Failed cases, left out: basic / mean 1 of 7 (see the error column of cases.csv)" in table
     assert "HD95 undefined (empty prediction), left out: basic / mean 1 of 7." in table
+
+
+def test_a_mixed_support_set_gives_one_direction_per_support_modality():
+    cases = [ref(f"s{n}_{m.lower()}", subject=f"s{n}", modality=m) for n in range(4) for m in ("CT", "MR")]
+    present = {c.label: {1, 2} for c in cases}
+    plan = plan_units([METHOD], cases, cases, ["liver"], [1, 2], draws=2, seed=0, present=present)
+    assert len(plan.units) == 8 * 2 * 2 * 2  # queries x support modalities x shots x draws
+    directions = {(u.query.modality, u.direction) for u in plan.units}
+    assert directions == {("CT", "CT->CT"), ("CT", "MRI->CT"), ("MR", "CT->MRI"), ("MR", "MRI->MRI")}
+    for unit in plan.units:
+        assert len({s.modality for s in unit.supports}) == 1
+        assert all(s.subject != unit.query.subject for s in unit.supports)  # not even the other modality
+    assert len({u.key for u in plan.units}) == len(plan.units)
+    # the shortfall report names the support modality
+    short = pool_shortfalls(cases, cases, ["liver"], [4], present)
+    assert short[0].startswith("organ liver: 8 queries have fewer than 4 eligible CT support(s)")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--fusion", "entropy_gate,nope"], "unknown fusion 'nope'"),
+    (["--shots", "1,0"], "--shots '1,0': expected positive integers"),
+    (["--organs", "liver,heart"], "--organs 'heart': unknown organ"),
+    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--set", "window.size=4"], "window sides must be >= 8"),
+    (["--workers", "2", "--scheduler", "tcp://127.0.0.1:1"], "either --workers"),
+    (["--support-label-map", "nope"], "--support-label-map 'nope': neither a built-in label map"),
+])
+def test_bad_options_fail_before_any_compute(tmp_path, args, message):
+    result = CliRunner().invoke(cli, ["evaluate", "--supports", str(tmp_path / "m.json"), "--out", str(tmp_path / "o"), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "o").exists()

@@ -24,7 +24,7 @@ from spasem.core.volume import Grid
 from spasem.data.manifest import Manifest
 from spasem.errors import InputError, SpasemError
 from spasem.evaluation.files import write_json
-from spasem.evaluation.protocol import CaseRef, modality_name, pool_shortfalls
+from spasem.evaluation.protocol import CaseRef, pool_shortfalls
 
 
 class DatasetError(InputError):
@@ -134,12 +134,6 @@ def check_datasets(
         found.append("the support set is empty (check --supports and --support-modality)")
     if not queries:
         found.append("the query set is empty (check --queries and --query-modality)")
-    modalities = sorted({modality_name(s.modality) for s in supports})
-    if len(modalities) > 1:
-        found.append(
-            f"the support set mixes modalities ({', '.join(modalities)}); choose one with --support-modality "
-            "(each table is one direction, e.g. CT->MRI)"
-        )
     cases: dict[str, CaseRef] = {}
     for case in [*supports, *queries]:
         cases.setdefault(case.image, case)

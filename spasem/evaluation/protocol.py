@@ -4,11 +4,13 @@ Rules (see ``docs/evaluation.md``):
 
 * every organ is its own 1-way task; a (query, organ) pair is evaluated only when the query's
   label map contains the organ;
+* the support set is split by modality: each query is evaluated once per support modality
+  (one *direction* each, e.g. a CT+MR support set gives CT->MRI and MRI->MRI for an MR query);
 * the *eligible* supports of a query for an organ are the support cases whose label map contains
   the organ, minus the query itself (same image file) and minus every case of the query's
   subject (when both have subject ids and come from the same dataset);
-* draw ``d`` of (query, organ) is a random permutation of the eligible supports, seeded by
-  ``(seed, query id, organ, d)``; its k-shot support set is the first k cases of that
+* draw ``d`` of (query, organ, support modality) is a random permutation of the eligible
+  supports, seeded by ``(seed, query, organ, support modality, d)``; its k-shot support set is the first k cases of that
   permutation, so the supports of a smaller k are contained in those of a larger k and adding
   queries, organs or draws never changes the other draws.
 """
@@ -74,11 +76,22 @@ def _seed_words(text: str) -> list[int]:
 
 
 def draw_order(eligible: Sequence[CaseRef], seed: int, query: CaseRef, organ: str, draw: int) -> list[CaseRef]:
-    """The seeded random permutation of ``eligible`` for one (query, organ, draw); the k-shot
-    supports are its first k entries. Independent of the order ``eligible`` is given in."""
+    """The seeded random permutation of ``eligible`` (supports of one modality) for one (query,
+    organ, draw); the k-shot supports are its first k entries. Independent of the order
+    ``eligible`` is given in."""
     pool = sorted(eligible, key=lambda c: (c.dataset, c.id))
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, *_seed_words(f"{query.dataset}\x00{query.id}\x00{organ}\x00{draw}")]))
+    group = modality_name(pool[0].modality) if pool else ""
+    words = _seed_words(f"{query.dataset}\x00{query.id}\x00{organ}\x00{group}\x00{draw}")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, *words]))
     return [pool[i] for i in rng.permutation(len(pool))]
+
+
+def by_modality(supports: Iterable[CaseRef]) -> dict[str, list[CaseRef]]:
+    """Support cases grouped by modality (display name: 'CT', 'MRI', '?'), in a stable order."""
+    groups: dict[str, list[CaseRef]] = {}
+    for case in supports:
+        groups.setdefault(modality_name(case.modality), []).append(case)
+    return dict(sorted(groups.items()))
 
 
 @dataclass(frozen=True)
@@ -117,16 +130,19 @@ class Unit:
 
     @property
     def direction(self) -> str:
-        modalities = {s.modality for s in self.supports}
-        support_modality = modalities.pop() if len(modalities) == 1 else "+".join(sorted(modality_name(m) for m in modalities))
-        return direction_of(support_modality, self.query.modality)
+        return direction_of(self.supports[0].modality, self.query.modality)
+
+    @property
+    def stem(self) -> str:
+        """``liver_CT_to_MRI_k2_d0``: readable name of the unit within its method and query."""
+        return f"{self.organ}_{self.direction.replace('->', '_to_').replace('?', 'unknown')}_k{self.shots}_d{self.draw}"
 
     @property
     def key(self) -> str:
         """Relative path of the unit's result file: readable, plus a digest of its inputs."""
         digest = make_key("unit", self.method.digest, self.query.image, self.query.label, self.query.label_id(self.organ),
                           [(s.image, s.label, s.label_id(self.organ)) for s in self.supports])[:12]
-        return f"{_safe(self.method.name)}/{_safe(self.query.id)}/{self.organ}_k{self.shots}_d{self.draw}_{digest}.json"
+        return f"{_safe(self.method.name)}/{_safe(self.query.id)}/{self.stem}_{digest}.json"
 
 
 def _safe(text: str) -> str:
@@ -159,19 +175,21 @@ def plan_units(
     """
     units: list[Unit] = []
     skipped: list[dict] = []
+    groups = by_modality(supports)
     for query in queries:
         for organ in organs:
             if query.label_id(organ) not in present.get(query.label, set()):
                 skipped.append({"query": query.id, "organ": organ, "reason": "the query's label map lacks the organ"})
                 continue
-            eligible = eligible_supports(supports, query, organ, present)
-            if len(eligible) < max(shots):
-                raise ValueError(f"query {query.id}, organ {organ}: {len(eligible)} eligible supports < {max(shots)}")
-            for draw in range(draws):
-                order = draw_order(eligible, seed, query, organ, draw)
-                for k in shots:
-                    for method in methods:
-                        units.append(Unit(method, query, organ, k, draw, tuple(order[:k])))
+            for group in groups.values():
+                eligible = eligible_supports(group, query, organ, present)
+                if len(eligible) < max(shots):
+                    raise ValueError(f"query {query.id}, organ {organ}: {len(eligible)} eligible supports < {max(shots)}")
+                for draw in range(draws):
+                    order = draw_order(eligible, seed, query, organ, draw)
+                    for k in shots:
+                        for method in methods:
+                            units.append(Unit(method, query, organ, k, draw, tuple(order[:k])))
     return Plan(units, skipped)
 
 
@@ -183,22 +201,26 @@ def eligible_supports(supports: Iterable[CaseRef], query: CaseRef, organ: str, p
 def pool_shortfalls(
     supports: Sequence[CaseRef], queries: Sequence[CaseRef], organs: Sequence[str], shots: Sequence[int], present: dict[str, set[int]]
 ) -> list[str]:
-    """One message per organ for the queries that have fewer eligible supports than ``max(shots)``."""
+    """One message per (organ, support modality) for the queries that have fewer eligible
+    supports than ``max(shots)``."""
     need = max(shots)
     problems = []
+    groups = by_modality(supports)
     for organ in organs:
-        short = []
-        for query in queries:
-            if query.label_id(organ) not in present.get(query.label, set()):
-                continue
-            n = len(eligible_supports(supports, query, organ, present))
-            if n < need:
-                short.append(f"{query.id} ({n})")
-        if short:
-            listed = ", ".join(short[:8]) + (f" and {len(short) - 8} more" if len(short) > 8 else "")
-            problems.append(
-                f"organ {organ}: {len(short)} quer{'y has' if len(short) == 1 else 'ies have'} fewer than {need} eligible "
-                f"support(s) with it (--shots {need}): {listed}; eligible = support cases containing the organ, "
-                "not the query itself nor its subject"
-            )
+        for modality, group in groups.items():
+            short = []
+            for query in queries:
+                if query.label_id(organ) not in present.get(query.label, set()):
+                    continue
+                n = len(eligible_supports(group, query, organ, present))
+                if n < need:
+                    short.append(f"{query.id} ({n})")
+            if short:
+                listed = ", ".join(short[:8]) + (f" and {len(short) - 8} more" if len(short) > 8 else "")
+                where = f" {modality}" if len(groups) > 1 else ""
+                problems.append(
+                    f"organ {organ}: {len(short)} quer{'y has' if len(short) == 1 else 'ies have'} fewer than {need} "
+                    f"eligible{where} support(s) with it (--shots {need}): {listed}; eligible = support cases containing "
+                    "the organ, not the query itself nor its subject"
+                )
     return problems

@@ -200,7 +200,7 @@ def run_unit(task: UnitTask) -> dict[str, Any]:
                 from spasem.core.io import save
 
                 path = (Path(task.predictions_dir) / _safe(unit.method.name) / _safe(name) / _safe(unit.query.id)
-                        / f"{organ}_k{unit.shots}_d{unit.draw}.nii.gz")
+                        / f"{unit.stem}.nii.gz")
                 path.parent.mkdir(parents=True, exist_ok=True)
                 save(prediction, path)
                 entry["prediction"] = str(path)
