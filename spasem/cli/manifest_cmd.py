@@ -54,6 +54,6 @@ def check(path, label_map, organs, modality) -> None:
     organ_list = parse_organs(organs)
     loaded = load_manifest(path, resolve_label_map(label_map) if label_map else None, modality)
     refs, problems = case_refs(loaded, organ_list, f"manifest '{path}'")
-    present = check_datasets(refs, refs, organ_list, [1], problems=problems)
+    present = check_datasets(refs, refs, organ_list, [], problems=problems)
     counts = {o: sum(1 for r in refs if r.label_id(o) in present[r.label]) for o in organ_list}
     click.echo(f"{len(refs)} case(s) OK; cases per organ: " + ", ".join(f"{o} {n}" for o, n in counts.items()), err=True)

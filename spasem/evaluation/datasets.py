@@ -124,6 +124,8 @@ def check_datasets(
 ) -> dict[str, set[int]]:
     """Check every file of both case lists; returns label path -> label ids present.
 
+    :param shots: the numbers of supports; every query needs ``max(shots)`` eligible supports
+        (empty: not checked).
     :param problems: problems already found (e.g. by :func:`case_refs`), reported together.
     :param inventory: JSON file remembering the label ids of label files already read.
     :raises DatasetError: listing every problem found.
@@ -176,7 +178,7 @@ def check_datasets(
             if not any(label_id in present[c.label] for c in readable):
                 found.append(f"organ {organ}: no {role} label map contains its label id {label_id} "
                              f"(ids present: {_ids_summary(readable, present)}); is the label map right?")
-    if not found:
+    if not found and shots:
         found.extend(pool_shortfalls(supports, queries, organs, shots, present))
     if inventory is not None and new_inventory != known:
         write_json(inventory, new_inventory)
