@@ -209,3 +209,21 @@ def test_dask_cluster_gives_the_same_results_as_this_process(cohort, tmp_path, d
         truth = load(labels[r["query"]], is_label=True)
         label_id = manifest["label_names"][r["organ"]]
         assert dice(load(path, is_label=True).array, truth.array == label_id) == pytest.approx(float(r["dice"]))
+
+
+def test_presets_in_one_run_share_the_cached_work(cohort, tmp_path):
+    out = tmp_path / "out"
+    invoke("--supports", str(cohort), "--support-modality", "MR", "--query-modality", "MR", "--organs", "RK",
+           "--draws", "1", "--preset", "default,basic", "--fusion", "mean,spatial_only", "--workers", "1",
+           "--out", str(out), *CHEAP)
+    rows = read_cases(out)
+    assert len(rows) == 3 * 2 * 2
+    assert {(r["method"], r["fusion"]) for r in rows} == {(m, f) for m in ("default", "basic") for f in ("mean", "spatial_only")}
+    # 'basic' is the default configuration: its registrations and features come from the cache the
+    # 'default' units filled, and it gives the same numbers
+    for r in rows:
+        assert (r["t_register"] != "") == (r["method"] == "default")
+    by = {(r["method"], r["fusion"], r["query"]): r["dice"] for r in rows}
+    assert all(by[("basic", f, q)] == by[("default", f, q)] for (_, f, q) in by)
+    table = parse_tables((out / "table.md").read_text())[("Dice 3D (%)", "MRI->MRI", 1)]
+    assert list(table) == ["default / mean", "default / spatial_only", "basic / mean", "basic / spatial_only"]

@@ -14,7 +14,7 @@ from spasem.cli.main import cli
 from spasem.core.io import save
 from spasem.core.volume import Volume
 from spasem.data.labelmaps import BUILTIN_LABEL_MAPS, canonical_organ, parse_organs, resolve_label_map
-from spasem.data.manifest import build_manifest, read_manifest, write_manifest
+from spasem.data.manifest import build_manifest, read_manifest
 from spasem.errors import InputError
 from spasem.evaluation.datasets import DatasetError, case_refs, check_datasets
 from spasem.evaluation.protocol import CaseRef, Method, draw_order, eligible_supports, excluded, plan_units, pool_shortfalls

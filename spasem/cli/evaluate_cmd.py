@@ -36,7 +36,8 @@ def _names(text: str | None) -> list[str]:
 @click.option("--draws", type=int, default=5, show_default=True, help="random support draws per query, organ and k")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the support draws")
 @click.option("--preset", "presets", default=None,
-              help="preset(s) to compare, comma-separated (see `spasem plugins`) [default: the default configuration]")
+              help="preset(s) to compare, comma-separated (see `spasem plugins`; 'default' = the default configuration) "
+                   "[default: default]")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
               help="TOML or YAML configuration file applied on top of each preset")
 @click.option("--set", "set_options", multiple=True, metavar="KEY=VALUE",

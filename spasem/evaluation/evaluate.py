@@ -16,7 +16,6 @@ Output folder layout::
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -41,15 +40,18 @@ def build_methods(
     layers: Sequence[Mapping[str, Any]] = (),
     registry=None,
 ) -> list[Method]:
-    """One :class:`Method` per preset (None: the default configuration), each with ``layers``
-    (config file, ``--set`` options, flags) on top, and the fusion strategies to compare
-    (default: the configuration's own fusion). Every backend name and option is checked here."""
+    """One :class:`Method` per preset (None, or ``default`` unless a plugin registers a preset of
+    that name: the default configuration), each with ``layers`` (config file, ``--set`` options,
+    flags) on top, and the fusion strategies to compare (default: the configuration's own
+    fusion). Every backend name and option is checked here."""
     from spasem.core.config import StageConfig, build_config
     from spasem.core.registry import get_registry
 
     registry = registry or get_registry()
     methods = []
     for preset in presets:
+        if preset == "default" and preset not in registry.presets:
+            preset = None
         base = registry.preset(preset).config if preset else {}
         config = build_config(base, *layers, source=f"configuration of preset '{preset}'" if preset else "configuration")
         for kind in ("registration", "encoder", "fusion", "decoder"):
@@ -154,9 +156,10 @@ def evaluate(
     write_json(out / "run.json", run_info)
     messages.message(
         f"{len(plan.units)} case(s) = queries x organs x shots x draws x methods "
-        f"({len(query_refs)} x {len(organs)} x {len(shots)} x {draws} x {len(methods)}, minus {len(plan.skipped)} "
-        f"query/organ pair(s) without the organ), each scored with {sum(len(m.fusions) for m in methods) // len(methods)} "
-        f"fusion(s); {len(finished)} already finished, {len(todo)} to run"
+        f"({len(query_refs)} x {len(organs)} x {len(shots)} x {draws} x {len(methods)} x support modalities, minus "
+        f"{len(plan.skipped)} query/organ pair(s) without the organ), each scored with "
+        f"{', '.join(sorted({f for m in methods for f in m.fusion_names}))}; {len(finished)} already finished, "
+        f"{len(todo)} to run"
         + (f" on {scheduler}" if scheduler and todo else f" with {min(n_workers, len(todo))} worker(s)" if todo else "")
     )
     cores = os.cpu_count() or 1
