@@ -56,10 +56,10 @@ def test_subjects_are_compared_within_one_dataset_only():
 def test_draws_are_seeded_nested_and_independent_of_other_cases():
     pool = [ref(f"s{n}") for n in range(8)]
     query = ref("q", modality="MR", dataset="other")
-    first = draw_order(pool, 0, query, "liver", 0)
-    assert [c.id for c in first] == [c.id for c in draw_order(list(reversed(pool)), 0, query, "liver", 0)]
+    first = draw_order(pool, 0, query, 0)
+    assert [c.id for c in first] == [c.id for c in draw_order(list(reversed(pool)), 0, query, 0)]
     assert sorted(c.id for c in first) == sorted(c.id for c in pool)
-    others = {tuple(c.id for c in draw_order(pool, seed, query, "liver", d)) for seed in (0, 1) for d in range(4)}
+    others = {tuple(c.id for c in draw_order(pool, seed, query, d)) for seed in (0, 1) for d in range(4)}
     assert len(others) > 4  # different draws and seeds give different orders
     present = {c.label: {1, 2} for c in [*pool, query]}
     small = plan_units([METHOD], pool, [query], ["liver"], [1, 2, 4], draws=3, seed=0, present=present)
@@ -73,6 +73,12 @@ def test_draws_are_seeded_nested_and_independent_of_other_cases():
     for draw in range(3):  # the k-shot supports contain the (k/2)-shot supports
         assert by_draw[(draw, 2)][:1] == by_draw[(draw, 1)]
         assert by_draw[(draw, 4)][:2] == by_draw[(draw, 2)]
+    # organs present in every support share their supports (one registration per pair)
+    for unit in more_queries.units:
+        if unit.organ == "spleen":
+            assert bigger[(unit.query.id, "liver", unit.shots, unit.draw)].supports == unit.supports
+    groups = more_queries.groups()
+    assert len(groups) == 2 * 4 * 3 and all([u.organ for u in g] == ["liver", "spleen"] for g in groups)
 
 
 def test_supports_without_the_organ_are_never_drawn_and_queries_without_it_are_skipped():
@@ -84,6 +90,12 @@ def test_supports_without_the_organ_are_never_drawn_and_queries_without_it_are_s
     present[queries[1].label] = {2}  # q2 lacks the liver
     assert "s0" not in {s.id for s in eligible_supports(supports, queries[0], "spleen", present)}
     plan = plan_units([METHOD], supports, queries, ["liver", "spleen"], [1, 4], draws=4, seed=0, present=present)
+    # the spleen skips s0: the next cases of the draw's permutation take its place
+    for u in plan.units:
+        if u.query.id == "q1":
+            order = draw_order(supports, 0, queries[0], u.draw)
+            wanted = [c for c in order if u.organ == "liver" or c.id != "s0"][: u.shots]
+            assert list(u.supports) == wanted
     assert plan.skipped == [{"query": "q2", "organ": "liver", "reason": "the query's label map lacks the organ"}]
     assert all("s0" not in [s.id for s in u.supports] for u in plan.units if u.organ == "spleen")
     assert {(u.query.id, u.organ) for u in plan.units} == {("q1", "liver"), ("q1", "spleen"), ("q2", "spleen")}

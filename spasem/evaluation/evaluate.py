@@ -163,13 +163,13 @@ def evaluate(
         + (f" on {scheduler}" if scheduler and todo else f" with {min(n_workers, len(todo))} worker(s)" if todo else "")
     )
     cores = os.cpu_count() or 1
-    active = max(1, min(n_workers, len(todo)))
+    active = max(1, min(n_workers, len(plan.groups(todo))))
     tasks = [
-        UnitTask(unit, cache_dir=str(out / "cache") if use_cache else None,
+        UnitTask(group, cache_dir=str(out / "cache") if use_cache else None,
                  predictions_dir=str(out / "predictions") if save_predictions else None,
                  torch_threads=1 if scheduler else (max(1, cores // active) if active > 1 else None),
                  parent_pid=os.getpid())
-        for unit in todo
+        for group in plan.groups(todo)
     ]
     new_records: list[dict[str, Any]] = []
 

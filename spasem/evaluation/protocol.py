@@ -9,10 +9,12 @@ Rules (see ``docs/evaluation.md``):
 * the *eligible* supports of a query for an organ are the support cases whose label map contains
   the organ, minus the query itself (same image file) and minus every case of the query's
   subject (when both have subject ids and come from the same dataset);
-* draw ``d`` of (query, organ, support modality) is a random permutation of the eligible
-  supports, seeded by ``(seed, query, organ, support modality, d)``; its k-shot support set is the first k cases of that
-  permutation, so the supports of a smaller k are contained in those of a larger k and adding
-  queries, organs or draws never changes the other draws.
+* draw ``d`` of (query, support modality) is a random permutation of the support cases that may
+  serve the query, seeded by ``(seed, query, support modality, d)``; for each organ, its k-shot
+  supports are the first k cases of that permutation that contain the organ. So the supports of
+  a smaller k are contained in those of a larger k, organs share supports where they can (one
+  registration per support/query pair serves every organ), and adding queries, organs, shots or
+  draws never changes the other draws.
 """
 
 from __future__ import annotations
@@ -75,15 +77,19 @@ def _seed_words(text: str) -> list[int]:
     return [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4)]
 
 
-def draw_order(eligible: Sequence[CaseRef], seed: int, query: CaseRef, organ: str, draw: int) -> list[CaseRef]:
-    """The seeded random permutation of ``eligible`` (supports of one modality) for one (query,
-    organ, draw); the k-shot supports are its first k entries. Independent of the order
-    ``eligible`` is given in."""
-    pool = sorted(eligible, key=lambda c: (c.dataset, c.id))
+def draw_order(candidates: Sequence[CaseRef], seed: int, query: CaseRef, draw: int) -> list[CaseRef]:
+    """The seeded random permutation of ``candidates`` (the supports of one modality that may
+    serve ``query``) for draw ``draw``. Independent of the order ``candidates`` come in."""
+    pool = sorted(candidates, key=lambda c: (c.dataset, c.id))
     group = modality_name(pool[0].modality) if pool else ""
-    words = _seed_words(f"{query.dataset}\x00{query.id}\x00{organ}\x00{group}\x00{draw}")
+    words = _seed_words(f"{query.dataset}\x00{query.id}\x00{group}\x00{draw}")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, *words]))
     return [pool[i] for i in rng.permutation(len(pool))]
+
+
+def draw_supports(order: Sequence[CaseRef], organ: str, shots: int, present: dict[str, set[int]]) -> tuple[CaseRef, ...]:
+    """The first ``shots`` cases of a draw's permutation whose label map contains ``organ``."""
+    return tuple([c for c in order if c.label_id(organ) in present.get(c.label, set())][:shots])
 
 
 def by_modality(supports: Iterable[CaseRef]) -> dict[str, list[CaseRef]]:
@@ -156,6 +162,15 @@ class Plan:
     units: list[Unit]
     skipped: list[dict]
 
+    def groups(self, units: Sequence[Unit] | None = None) -> list[tuple[Unit, ...]]:
+        """``units`` (default: all) grouped by (method, query, support modality, shots, draw):
+        the organs of one draw, run together so their supports' registrations are computed once."""
+        grouped: dict[tuple, list[Unit]] = {}
+        for unit in self.units if units is None else units:
+            key = (unit.method.name, unit.query.dataset, unit.query.id, unit.direction, unit.shots, unit.draw)
+            grouped.setdefault(key, []).append(unit)
+        return [tuple(g) for g in grouped.values()]
+
 
 def plan_units(
     methods: Sequence[Method],
@@ -177,19 +192,23 @@ def plan_units(
     skipped: list[dict] = []
     groups = by_modality(supports)
     for query in queries:
+        wanted = []
         for organ in organs:
-            if query.label_id(organ) not in present.get(query.label, set()):
+            if query.label_id(organ) in present.get(query.label, set()):
+                wanted.append(organ)
+            else:
                 skipped.append({"query": query.id, "organ": organ, "reason": "the query's label map lacks the organ"})
-                continue
-            for group in groups.values():
-                eligible = eligible_supports(group, query, organ, present)
-                if len(eligible) < max(shots):
-                    raise ValueError(f"query {query.id}, organ {organ}: {len(eligible)} eligible supports < {max(shots)}")
-                for draw in range(draws):
-                    order = draw_order(eligible, seed, query, organ, draw)
-                    for k in shots:
-                        for method in methods:
-                            units.append(Unit(method, query, organ, k, draw, tuple(order[:k])))
+        for group in groups.values():
+            candidates = [s for s in group if not excluded(s, query)]
+            for draw in range(draws):
+                order = draw_order(candidates, seed, query, draw)
+                for k in shots:
+                    for method in methods:
+                        for organ in wanted:
+                            chosen = draw_supports(order, organ, k, present)
+                            if len(chosen) < k:
+                                raise ValueError(f"query {query.id}, organ {organ}: {len(chosen)} eligible supports < {k}")
+                            units.append(Unit(method, query, organ, k, draw, chosen))
     return Plan(units, skipped)
 
 

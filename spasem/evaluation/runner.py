@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from spasem.evaluation.files import write_json
 from spasem.evaluation.protocol import Unit
-from spasem.evaluation.worker import UnitTask, base_record, configure_process, run_unit
+from spasem.evaluation.worker import UnitTask, base_record, configure_process, run_task
 
 
 def default_workers() -> int:
@@ -59,6 +59,10 @@ def _worker_init(torch_threads: int) -> None:
     configure_process(torch_threads)
 
 
+def lost_records(task: UnitTask, reason: str) -> list[dict[str, Any]]:
+    return [lost_record(unit, reason) for unit in task.units]
+
+
 def lost_record(unit: Unit, reason: str) -> dict[str, Any]:
     """A record for a unit whose worker died (not written to disk: retried by the next run)."""
     record = base_record(unit)
@@ -76,26 +80,27 @@ def execute(
     on_record: Callable[[dict[str, Any]], None],
     progress: bool = True,
 ) -> None:
-    """Run ``tasks``; ``on_record`` receives each unit's record as it finishes (in this process)."""
+    """Run ``tasks``; ``on_record`` receives each unit's record as its task finishes (in this process)."""
     if not tasks:
         return
-    bar = _bar(len(tasks), progress)
+    bar = _bar(sum(len(t.units) for t in tasks), progress)
     failed = 0
 
-    def deliver(record: dict[str, Any]) -> None:
+    def deliver(records: list[dict[str, Any]]) -> None:
         nonlocal failed
-        on_record(record)
-        if record.get("error") or any(f.get("error") for f in record["fusions"].values()):
-            failed += 1
-            bar.set_postfix(failed=failed, refresh=False)
-        bar.update(1)
+        for record in records:
+            on_record(record)
+            if record.get("error") or any(f.get("error") for f in record["fusions"].values()):
+                failed += 1
+                bar.set_postfix(failed=failed, refresh=False)
+        bar.update(len(records))
 
     try:
         if scheduler:
             _execute_dask(tasks, scheduler, deliver)
         elif workers <= 1:
             for task in tasks:
-                deliver(run_unit(task))
+                deliver(run_task(task))
         else:
             _execute_pool(tasks, workers, deliver)
     finally:
@@ -109,7 +114,7 @@ def _bar(total: int, enabled: bool):
                 dynamic_ncols=True, mininterval=0.5)
 
 
-def _execute_pool(tasks: Sequence[UnitTask], workers: int, deliver: Callable[[dict[str, Any]], None]) -> None:
+def _execute_pool(tasks: Sequence[UnitTask], workers: int, deliver: Callable[[list[dict[str, Any]]], None]) -> None:
     from concurrent.futures.process import BrokenProcessPool
 
     threads = tasks[0].torch_threads or 1
@@ -118,25 +123,25 @@ def _execute_pool(tasks: Sequence[UnitTask], workers: int, deliver: Callable[[di
     pending = {}
     try:
         for task in tasks:
-            pending[pool.submit(run_unit, task)] = task
+            pending[pool.submit(run_task, task)] = task
         while pending:
             done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
             for future in done:
                 task = pending.pop(future)
                 try:
-                    record = future.result()
+                    records = future.result()
                 except BrokenProcessPool:
-                    record = lost_record(task.unit, "its worker process died (out of memory or killed?)")
+                    records = lost_records(task, "its worker process died (out of memory or killed?)")
                 except Exception as exc:  # pickling problems and the like
-                    record = lost_record(task.unit, f"{type(exc).__name__}: {exc}")
-                deliver(record)
+                    records = lost_records(task, f"{type(exc).__name__}: {exc}")
+                deliver(records)
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
 
 
-def _execute_dask(tasks: Sequence[UnitTask], scheduler: str, deliver: Callable[[dict[str, Any]], None]) -> None:
+def _execute_dask(tasks: Sequence[UnitTask], scheduler: str, deliver: Callable[[list[dict[str, Any]]], None]) -> None:
     from distributed import Client, as_completed
 
     from spasem.errors import ConfigError
@@ -148,15 +153,15 @@ def _execute_dask(tasks: Sequence[UnitTask], scheduler: str, deliver: Callable[[
     try:
         futures = {}
         for task in tasks:
-            future = client.submit(run_unit, task, pure=False)
+            future = client.submit(run_task, task, pure=False)
             futures[future] = task
         for future in as_completed(list(futures), loop=client.loop):
             task = futures[future]
             try:
-                record = future.result()
+                records = future.result()
             except Exception as exc:  # KilledWorker, lost connection, ...
-                record = lost_record(task.unit, f"Dask: {type(exc).__name__}: {exc}")
-            deliver(record)
+                records = lost_records(task, f"Dask: {type(exc).__name__}: {exc}")
+            deliver(records)
     finally:
         client.close()
 

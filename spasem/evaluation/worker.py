@@ -1,14 +1,19 @@
-"""Running one unit of the protocol (in this process, a worker process or a Dask worker).
+"""Running units of the protocol (in this process, a worker process or a Dask worker).
 
 A unit is (method, query, organ, shots, draw): the volumes are loaded, the registration and
 features computed once (:meth:`Engine.priors`, cached on disk by content hash), then every fusion
 strategy is fused, decoded (:meth:`Engine.decode`) and scored. A failure is caught and returned
 in the record (``error``), never raised, so one bad case does not stop the others.
 
+A task is the units of one draw for several organs (:meth:`Plan.groups`): they run one after the
+other with the registration of each (support, query) pair computed once for all of them
+(:class:`PairMemo`); the on-disk cache keeps warped masks per organ.
+
 Record layout (also the JSON file of a finished unit)::
 
     {"key", "method", "query", "organ", "shots", "draw", "direction", "supports": [ids],
      "error": null | "message", "seconds_load", "seconds_priors",
+     "registrations": {"computed": n, "reused": n} (pair registrations run / taken from the memo),
      "fusions": {name: {"dice", "dice_2d", "hd95", "seconds", "timings": {stage: s},
                         "error", "prediction"}}}
 """
@@ -37,7 +42,7 @@ VOLUME_CACHE_SIZE = 12
 
 @dataclass(frozen=True)
 class UnitTask:
-    """What a worker needs to run a unit.
+    """What a worker needs to run the units of one draw (one or more organs).
 
     :param cache_dir: folder of the on-disk stage cache (None: no cache).
     :param predictions_dir: folder to save predicted masks in (None: not saved).
@@ -45,13 +50,40 @@ class UnitTask:
     :param parent_pid: the process that planned the run; its torch settings are never changed.
     """
 
-    unit: Unit
+    units: tuple[Unit, ...]
     cache_dir: str | None = None
     predictions_dir: str | None = None
     torch_threads: int | None = None
     parent_pid: int = 0
 
 
+class PairMemo:
+    """A registration backend that registers each (support image, query image) pair once and
+    hands the same transform to every later request (e.g. the other organs of a draw).
+
+    Pairs are recognised by object identity; the memo holds the images, so identities stay valid
+    for its lifetime (one task)."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self.name = inner.name
+        self.config = inner.config
+        self.context = inner.context
+        self._transforms: dict[tuple[int, int], tuple[Volume, Volume, Any]] = {}
+        #: registrations computed and reused so far
+        self.computed = 0
+        self.reused = 0
+
+    def register(self, support: Volume, query: Volume) -> Any:
+        key = (id(support), id(query))
+        hit = self._transforms.get(key)
+        if hit is None or hit[0] is not support or hit[1] is not query:
+            hit = (support, query, self.inner.register(support, query))
+            self._transforms[key] = hit
+            self.computed += 1
+        else:
+            self.reused += 1
+        return hit[2]
 _lock = threading.Lock()
 _volumes: "OrderedDict[tuple[str, bool], Volume]" = OrderedDict()
 _backends: dict[tuple[str, int], Any] = {}
@@ -140,17 +172,42 @@ def base_record(unit: Unit) -> dict[str, Any]:
     }
 
 
-def run_unit(task: UnitTask) -> dict[str, Any]:
-    """Run one unit; returns its record (errors included, never raised except interrupts)."""
-    from spasem.core.cache import DiskCache
+def run_task(task: UnitTask) -> list[dict[str, Any]]:
+    """Run the units of a task; one record per unit (errors included, never raised except
+    interrupts)."""
     from spasem.core.config import PipelineConfig
+    from spasem.core.pipeline import Backends
+
+    if task.torch_threads is not None and os.getpid() != task.parent_pid:
+        configure_process(task.torch_threads)
+    records = []
+    memos: dict[str, Any] = {}
+    for unit in task.units:
+        try:
+            config = PipelineConfig.model_validate(unit.method.config)
+            backends = _backends_for(config)
+            memo = memos.setdefault(unit.method.digest, PairMemo(backends.registration))
+            shared = Backends(memo, backends.encoder, backends.fusion, backends.decoder)  # type: ignore[arg-type]
+        except Exception as exc:
+            record = base_record(unit)
+            record["error"] = _error_text(exc)
+            record["fusions"] = {name: {"error": record["error"]} for name in unit.method.fusion_names}
+            records.append(record)
+            continue
+        before = (memo.computed, memo.reused)
+        record = run_unit(unit, config, shared, task)
+        record["registrations"] = {"computed": memo.computed - before[0], "reused": memo.reused - before[1]}
+        records.append(record)
+    return records
+
+
+def run_unit(unit: Unit, config, backends, task: UnitTask) -> dict[str, Any]:
+    """Run one unit with ``backends``; returns its record."""
+    from spasem.core.cache import DiskCache
     from spasem.core.metrics import dice, dice_2d, hd95
     from spasem.core.pipeline import Engine, Support
     from spasem.core.registry import get_registry
 
-    if task.torch_threads is not None and os.getpid() != task.parent_pid:
-        configure_process(task.torch_threads)
-    unit = task.unit
     record = base_record(unit)
     record["host"] = f"{os.uname().nodename}:{os.getpid()}"
     organ = unit.organ
@@ -165,9 +222,8 @@ def run_unit(task: UnitTask) -> dict[str, Any]:
             mask = organ_mask(_load(case.label, is_label=True), image, case.label_id(organ), f"support {case.id}")
             supports.append(Support(image, mask))
         seconds_load = time.perf_counter() - t0
-        config = PipelineConfig.model_validate(unit.method.config)
         registry = get_registry()
-        engine = Engine(config, backends=_backends_for(config), registry=registry,
+        engine = Engine(config, backends=backends, registry=registry,
                         cache=DiskCache(task.cache_dir) if task.cache_dir else None)
         t0 = time.perf_counter()
         priors = engine.priors(supports, query_image)
