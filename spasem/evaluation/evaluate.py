@@ -28,7 +28,7 @@ from spasem.errors import ConfigError, OutputError
 from spasem.evaluation import report
 from spasem.evaluation.datasets import case_refs, check_datasets
 from spasem.evaluation.files import write_json, write_text
-from spasem.evaluation.protocol import Method, plan_units
+from spasem.evaluation.protocol import Method, _safe, plan_units
 from spasem.evaluation.runner import default_workers, execute, split_finished, write_record
 from spasem.evaluation.worker import UnitTask
 
@@ -133,11 +133,12 @@ def evaluate(
         raise ConfigError(f"--shots {','.join(map(str, shots))}: expected positive numbers of supports")
     shots = sorted(set(int(k) for k in shots))
     queries = queries or supports
-    support_manifest = load_manifest(supports, support_label_map, support_modality)
-    query_manifest = load_manifest(queries, query_label_map if query_label_map is not None else
-                                   (support_label_map if Path(queries).resolve() == Path(supports).resolve() else None), query_modality)
-    _prepare_out(out)
     same_file = Path(queries).resolve() == Path(supports).resolve()
+    if query_label_map is None and same_file:
+        query_label_map = support_label_map
+    support_manifest = load_manifest(supports, support_label_map, support_modality)
+    query_manifest = load_manifest(queries, query_label_map, query_modality)
+    _prepare_out(out)
     support_refs, problems = case_refs(support_manifest, organs, f"{'' if same_file else 'support '}manifest '{supports}'")
     query_refs, more = case_refs(query_manifest, organs, f"{'' if same_file else 'query '}manifest '{queries}'")
     problems += [p for p in more if p not in problems]
@@ -154,16 +155,16 @@ def evaluate(
         "support_cases": len(support_refs), "query_cases": len(query_refs),
     }
     write_json(out / "run.json", run_info)
+    cores = os.cpu_count() or 1
+    active = max(1, min(n_workers, len(plan.groups(todo))))
     messages.message(
         f"{len(plan.units)} case(s) = queries x organs x shots x draws x methods "
         f"({len(query_refs)} x {len(organs)} x {len(shots)} x {draws} x {len(methods)} x support modalities, minus "
         f"{len(plan.skipped)} query/organ pair(s) without the organ), each scored with "
         f"{', '.join(sorted({f for m in methods for f in m.fusion_names}))}; {len(finished)} already finished, "
         f"{len(todo)} to run"
-        + (f" on {scheduler}" if scheduler and todo else f" with {min(n_workers, len(todo))} worker(s)" if todo else "")
+        + (f" on {scheduler}" if scheduler and todo else f" with {active} worker(s)" if todo else "")
     )
-    cores = os.cpu_count() or 1
-    active = max(1, min(n_workers, len(plan.groups(todo))))
     tasks = [
         UnitTask(group, cache_dir=str(out / "cache") if use_cache else None,
                  predictions_dir=str(out / "predictions") if save_predictions else None,
@@ -203,8 +204,6 @@ def evaluate(
     files.append(write_text(out / "table.md", report.markdown_tables(groups, header, row_order)))
     if groups:
         files.append(report.plot_dice_vs_shots(groups, organs, out / "dice_vs_shots.png", row_order))
-        from spasem.evaluation.protocol import _safe
-
         for method in methods:
             for fusion in method.fusion_names:
                 if any(r["method"] == method.name and r["fusion"] == fusion for r in rows):
