@@ -1,67 +1,22 @@
-"""``spasem evaluate`` end to end through the CLI: the protocol on a small cohort (3 CT + 3 MR
-subjects, k in {1, 2}, 2 draws), tables checked against cases.csv, resume, failures, Dask."""
+"""``spasem evaluate`` end to end through the CLI on a small synthetic cohort (tests/cohort.py:
+3 CT + 3 MR subjects, k in {1, 2}, 2 draws): tables checked against cases.csv, resume, failures,
+Dask, preset grids. The same protocol on ``spasem phantoms``: test_evaluate_phantoms.py."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
-import re
-from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from cohort import write_cohort
-from spasem.cli.main import cli
+from evaluation_helpers import check_protocol_outputs, expected_cell, invoke, parse_tables, read_cases
 from spasem.core.io import load
 from spasem.core.metrics import dice
 
-ORGAN_COLUMNS = {"liver": "Liver", "left_kidney": "LK", "right_kidney": "RK", "spleen": "Spleen"}
 CHEAP = ["--set", "window.size=32", "--set", "window.spacing_mm=3", "-q"]
-
-
-def invoke(*args: str) -> str:
-    result = CliRunner().invoke(cli, ["evaluate", *args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-def read_cases(out: Path) -> list[dict[str, str]]:
-    with (out / "cases.csv").open(newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def parse_tables(text: str) -> dict[tuple[str, str, int], dict[str, list[str]]]:
-    """(metric title, direction, shots) -> row label -> cells (Liver, LK, RK, Spleen, Mean)."""
-    tables: dict = {}
-    metric = block = None
-    for line in text.splitlines():
-        if line.startswith("## "):
-            metric = line[3:].strip()
-        elif line.startswith("### "):
-            m = re.fullmatch(r"### (\S+), (\d+)-shot", line)
-            assert m, line
-            block = (metric, m.group(1), int(m.group(2)))
-            tables[block] = {}
-        elif line.startswith("| ") and block and not line.startswith("| Method"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            tables[block][cells[0]] = cells[1:]
-    return tables
-
-
-def expected_cell(rows: list[dict[str, str]], column: str, scale: float) -> tuple[str, float | None]:
-    by_query = defaultdict(list)
-    for row in rows:
-        if row[column] != "":
-            by_query[row["query"]].append(float(row[column]))
-    means = [np.mean(v) for v in by_query.values()]
-    if not means:
-        return "-", None
-    std = np.std(means, ddof=1) if len(means) > 1 else 0.0
-    return f"{np.mean(means) * scale:.1f} ± {std * scale:.1f}", float(np.mean(means))
 
 
 @pytest.fixture(scope="module")
@@ -80,56 +35,7 @@ def protocol_run(cohort, tmp_path_factory) -> tuple[Path, list[str]]:
 
 @pytest.mark.slow
 def test_protocol_tables_match_the_cases(protocol_run):
-    out, _ = protocol_run
-    rows = read_cases(out)
-    # one row per query, organ, shots, draw and fusion
-    keys = {(r["query"], r["organ"], r["shots"], r["draw"], r["fusion"]) for r in rows}
-    assert len(rows) == len(keys) == 3 * 4 * 2 * 2 * 2
-    assert {r["direction"] for r in rows} == {"CT->MRI"}
-    assert all(r["error"] == "" and r["dice"] != "" and float(r["seconds"]) > 0 for r in rows)
-    by_draw = {}
-    for r in rows:
-        supports = r["supports"].split(";")
-        assert len(supports) == int(r["shots"])
-        assert all(s.endswith("_ct") and s[:4] != r["query"][:4] for s in supports)  # other subjects' CTs
-        by_draw.setdefault((r["query"], r["organ"], r["draw"]), {})[int(r["shots"])] = supports
-    for draws in by_draw.values():
-        assert draws[2][:1] == draws[1]
-    # every case holds every organ, so the organs of a draw share supports and run as one task:
-    # each (support, query) pair is registered at most once per task, not once per organ (pairs
-    # met before are found in the disk cache as warped masks and not registered at all)
-    for r in rows:
-        assert by_draw[(r["query"], r["organ"], r["draw"])] == by_draw[(r["query"], "liver", r["draw"])]
-    per_task = defaultdict(int)
-    for path in (out / "results").rglob("*.json"):
-        record = json.loads(path.read_text())
-        per_task[(record["query"], record["shots"], record["draw"])] += record["registrations"]["computed"]
-    assert all(n <= shots for (_, shots, _), n in per_task.items())
-    assert sum(per_task.values()) >= 6  # 3 queries x 2 eligible CT supports, each registered at least once
-    tables = parse_tables((out / "table.md").read_text())
-    assert set(tables) == {(m, "CT->MRI", k) for m in ("Dice 3D (%)", "Dice 2D (%)", "HD95 (mm)") for k in (1, 2)}
-    for (metric, direction, shots), table in tables.items():
-        column, scale = {"Dice 3D (%)": ("dice", 100.0), "Dice 2D (%)": ("dice_2d", 100.0), "HD95 (mm)": ("hd95", 1.0)}[metric]
-        assert set(table) == {"default / entropy_gate", "default / mean"}
-        for label, cells in table.items():
-            fusion = label.split(" / ")[1]
-            organ_means = []
-            for n, organ in enumerate(ORGAN_COLUMNS):
-                mine = [r for r in rows if r["fusion"] == fusion and r["organ"] == organ and int(r["shots"]) == shots]
-                text, mean = expected_cell(mine, column, scale)
-                assert cells[n] == text, (metric, shots, label, organ)
-                organ_means.append(mean)
-            assert cells[4] == f"{np.mean(organ_means) * scale:.1f}"
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["counts"]["units"] == 48 and summary["counts"]["failed_rows"] == 0
-    group = next(g for g in summary["groups"] if g["organ"] == "liver" and g["shots"] == 1 and g["fusion"] == "mean")
-    mine = [r for r in rows if r["fusion"] == "mean" and r["organ"] == "liver" and r["shots"] == "1"]
-    assert group["dice"]["mean"] == pytest.approx(expected_cell(mine, "dice", 1.0)[1])
-    assert group["dice"]["n"] == 3
-    for name in ("dice_vs_shots.png", "boxplot_default_entropy_gate.png", "boxplot_default_mean.png"):
-        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # the stage cache holds registrations, prototypes and query features for reruns and other shots
-    assert {p.name for p in (out / "cache").iterdir()} >= {"warp", "prototypes", "query_features"}
+    check_protocol_outputs(protocol_run[0], "default", ["entropy_gate", "mean"])
 
 
 @pytest.mark.slow
