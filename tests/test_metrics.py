@@ -153,3 +153,13 @@ def test_dice_2d_properties(a, b, perm):
     av = Volume.from_array(np.transpose(a, perm).astype(np.uint8), direction=direction, is_label=True)
     bv = Volume.from_array(np.transpose(b, perm).astype(np.uint8), direction=direction, is_label=True)
     assert dice_2d(av, bv) == pytest.approx(value)
+
+
+@settings(max_examples=40, deadline=None)
+@given(masks, masks, spacings)
+def test_hd95_does_not_depend_on_the_empty_space_around_the_masks(a, b, spacing):
+    # masks touching the array's edge: outside the array counts as outside the mask
+    padded = lambda m: np.pad(m, 3)  # noqa: E731
+    value = hd95(a, b, spacing=spacing)
+    other = hd95(padded(a), padded(b), spacing=spacing)
+    assert (math.isnan(value) and math.isnan(other)) or value == pytest.approx(other)

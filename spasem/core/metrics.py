@@ -76,18 +76,22 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
 
 
+def _box(a: np.ndarray, b: np.ndarray) -> tuple[slice, ...]:
+    """Bounding box of ``a | b`` plus one voxel (clipped to the array)."""
+    both = np.argwhere(a | b)
+    lo = np.maximum(both.min(axis=0) - 1, 0)
+    hi = np.minimum(both.max(axis=0) + 2, a.shape)
+    return tuple(slice(int(l), int(h)) for l, h in zip(lo, hi))
+
+
 def surface_distances(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     """Distances (mm) from each surface voxel centre of ``a`` to the nearest surface voxel centre
     of ``b``; both non-empty boolean arrays on one grid with voxel ``spacing`` (mm)."""
-    # work on the bounding box of both (+1 voxel) to keep the distance transform small
-    both = a | b
-    lo = np.maximum(np.argwhere(both).min(axis=0) - 1, 0)
-    hi = np.minimum(np.argwhere(both).max(axis=0) + 2, both.shape)
-    box = tuple(slice(int(l), int(h)) for l, h in zip(lo, hi))
-    surf_a = _surface(a)[box]
-    surf_b = _surface(b)[box]
-    to_b = ndimage.distance_transform_edt(~surf_b, sampling=[float(s) for s in spacing])
-    return to_b[surf_a]
+    # the box of both (+1 voxel) keeps the work small; its extra voxels are outside both masks,
+    # and where it meets the array's edge, outside the array counts as outside, as it should
+    box = _box(a, b)
+    surf_a, surf_b = _surface(a[box]), _surface(b[box])
+    return ndimage.distance_transform_edt(~surf_b, sampling=[float(s) for s in spacing])[surf_a]
 
 
 def hd95(
@@ -112,6 +116,9 @@ def hd95(
         return 0.0
     if not p.any() or not t.any():
         return math.nan
-    forward = np.percentile(surface_distances(p, t, spacing), 95)
-    backward = np.percentile(surface_distances(t, p, spacing), 95)
+    box = _box(p, t)
+    surf_p, surf_t = _surface(p[box]), _surface(t[box])
+    sampling = [float(s) for s in spacing]
+    forward = np.percentile(ndimage.distance_transform_edt(~surf_t, sampling=sampling)[surf_p], 95)
+    backward = np.percentile(ndimage.distance_transform_edt(~surf_p, sampling=sampling)[surf_t], 95)
     return float(max(forward, backward))
