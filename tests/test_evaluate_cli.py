@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cohort import write_cohort
-from evaluation_helpers import check_protocol_outputs, expected_cell, invoke, parse_tables, read_cases
+from tests.cohort import write_cohort
+from tests.evaluation_helpers import check_protocol_outputs, expected_cell, invoke, parse_tables, read_cases
 from spasem.core.io import load
 from spasem.core.metrics import dice
 

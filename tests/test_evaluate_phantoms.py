@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluation_helpers import check_protocol_outputs, invoke
+from tests.evaluation_helpers import check_protocol_outputs, invoke
 
 phantoms = pytest.importorskip(
     "spasem.data.phantoms", reason="spasem.data.phantoms (branch 'classical') is not merged into this checkout yet")

@@ -142,9 +142,13 @@ def _execute_pool(tasks: Sequence[UnitTask], workers: int, deliver: Callable[[li
 
 
 def _execute_dask(tasks: Sequence[UnitTask], scheduler: str, deliver: Callable[[list[dict[str, Any]]], None]) -> None:
-    from distributed import Client, as_completed
-
     from spasem.errors import ConfigError
+
+    try:
+        from distributed import Client, as_completed
+    except ImportError:
+        raise ConfigError(f"--scheduler '{scheduler}': needs Dask distributed; install it with "
+                          "pip install 'spasem[dask]'") from None
 
     try:
         client = Client(scheduler, timeout="30s", set_as_default=False)
