@@ -21,13 +21,13 @@ from spasem.core.backends import Decoder, Features
 from spasem.core.volume import Volume
 from spasem.errors import ConfigError
 from spasem.hookspecs import hookimpl
-from spasem.plugins.encoders.sam_med3d import SamMed3DOptions, load_shared_model
+from spasem.plugins.encoders.sam_med3d import SamMed3DOptions, SharedSamMed3DModel
 
 EMBEDDING_CHANNELS = 384
 EMBEDDING_GRID = (8, 8, 8)
 
 
-class SamMed3DDecoder(Decoder):
+class SamMed3DDecoder(SharedSamMed3DModel, Decoder):
     """SAM-Med3D mask decoder with the fused logits as dense mask prompt."""
 
     name = "sam-med3d"
@@ -37,16 +37,6 @@ class SamMed3DDecoder(Decoder):
         prompt_clip: float | None = Field(
             20.0, gt=0, description="clip the fused logits to [-clip, clip] before prompting (None: no clipping)"
         )
-
-    def __init__(self, config=None, context=None):
-        super().__init__(config, context)
-        self._model = None
-
-    @property
-    def model(self):
-        if self._model is None:
-            self._model = load_shared_model(self, self.config.checkpoint)
-        return self._model
 
     def decode(self, fused_logits: Volume, query_features: Features, query_image: Volume) -> Volume:
         from spasem.models.sam_med3d import autocast_context, decode_dense_prompt, window_prompt

@@ -54,16 +54,9 @@ def load_shared_model(backend, checkpoint: str | None):
         return cached_model(path, backend.device)
 
 
-class SamMed3DEncoder(Encoder):
-    """Frozen SAM-Med3D ViT-B image encoder: 128^3 window -> 384 x 8^3 embedding."""
-
-    name = "sam-med3d"
-    description = "SAM-Med3D(-turbo) ViT image encoder: 128^3 window at 1.5 mm -> 384 x 8^3 (weights: sam-med3d-turbo)"
-
-    class Config(SamMed3DOptions):
-        fast_attention: bool = Field(
-            True, description="compute windowed attention for the real tokens only (same result, ~4x faster on CPU)"
-        )
+class SharedSamMed3DModel:
+    """Mixin for the SAM-Med3D encoder and decoder: the model is loaded on first use and shared
+    by every backend on the same checkpoint and device."""
 
     def __init__(self, config=None, context=None):
         super().__init__(config, context)
@@ -74,6 +67,18 @@ class SamMed3DEncoder(Encoder):
         if self._model is None:
             self._model = load_shared_model(self, self.config.checkpoint)
         return self._model
+
+
+class SamMed3DEncoder(SharedSamMed3DModel, Encoder):
+    """Frozen SAM-Med3D ViT-B image encoder: 128^3 window -> 384 x 8^3 embedding."""
+
+    name = "sam-med3d"
+    description = "SAM-Med3D(-turbo) ViT image encoder: 128^3 window at 1.5 mm -> 384 x 8^3 (weights: sam-med3d-turbo)"
+
+    class Config(SamMed3DOptions):
+        fast_attention: bool = Field(
+            True, description="compute windowed attention for the real tokens only (same result, ~4x faster on CPU)"
+        )
 
     def encode(self, image: Volume) -> Features:
         from spasem.models.sam_med3d import autocast_context, encoder_forward
