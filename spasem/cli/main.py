@@ -95,14 +95,15 @@ def cli() -> None:
 
 
 def _register_builtin_commands() -> None:
-    from spasem.cli import plugins_cmd, run_cmd
+    from spasem.cli import demo_cmd, evaluate_cmd, manifest_cmd, phantoms_cmd, plugins_cmd, run_cmd, weights_cmd
 
     cli.add_command(run_cmd.run)
     cli.add_command(plugins_cmd.plugins)
-    from spasem.cli import demo_cmd, phantoms_cmd
-
     cli.add_command(phantoms_cmd.phantoms)
     cli.add_command(demo_cmd.demo)
+    cli.add_command(weights_cmd.weights)
+    cli.add_command(evaluate_cmd.evaluate)
+    cli.add_command(manifest_cmd.manifest)
 
 
 _register_builtin_commands()

@@ -144,7 +144,27 @@ def load(
         if suffix in (".nii", ".nii.gz"):
             return _load_nifti_with_nibabel(path, is_label=is_label, modality=modality, sitk_error=exc)
         raise InputError(f"'{name}': cannot read {suffix} file: {_first_line(exc)}") from None
-    return from_sitk(image, is_label=is_label, name=name, modality=_normalise_modality(modality))
+    volume = from_sitk(image, is_label=is_label, name=name, modality=_normalise_modality(modality))
+    if suffix in (".nii", ".nii.gz") and np.issubdtype(volume.array.dtype, np.floating):
+        _restore_non_finite_nifti_values(path, volume.array)
+    return volume
+
+
+def _restore_non_finite_nifti_values(path: Path, array: np.ndarray) -> None:
+    """ITK's NIfTI reader silently turns NaN/inf voxels into 0; put them back (read with
+    nibabel, same [i, j, k] file order) so that validation can report them."""
+    import nibabel as nib
+
+    try:
+        raw = np.asarray(nib.load(str(path)).dataobj)
+    except Exception:  # pragma: no cover - SimpleITK read it, nibabel normally can too
+        return
+    raw = raw.reshape(array.shape) if raw.size == array.size else None
+    if raw is None:
+        return
+    bad = ~np.isfinite(raw)
+    if bad.any():
+        array[bad] = raw[bad]
 
 
 def read_grid(path: str | os.PathLike) -> Grid:

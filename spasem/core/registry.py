@@ -35,6 +35,9 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "spasem.plugins.fusion.builtin",
     "spasem.plugins.decoders.threshold",
     "spasem.plugins.presets",
+    "spasem.plugins.registration.gradicon",
+    "spasem.plugins.encoders.sam_med3d",
+    "spasem.plugins.decoders.sam_med3d",
 )
 
 #: hook name per backend kind
@@ -180,7 +183,7 @@ def create_plugin_manager(load_entrypoints: bool = True, extra_plugins: tuple[An
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin '{exc.plugin_name}': {exc}") from None
+        raise PluginError(f"invalid plugin hook: {exc}") from None
     return pm
 
 

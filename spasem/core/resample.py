@@ -48,7 +48,7 @@ def resample(
         interpolation = "nearest"
     interpolation = interpolation or "linear"
     if transform is None and volume.grid.same_as(onto):
-        return volume
+        return Volume(volume.array, onto, volume.is_label, volume.name, volume.modality)
     if transform is None:
         exact = volume.reoriented_onto(onto)
         if exact is not None:

@@ -19,11 +19,12 @@ import numpy as np
 
 from spasem.errors import GeometryError, InputError
 
-#: default tolerances used to decide that two grids are "the same": relative for spacing,
-#: absolute (mm) for origin, absolute for direction cosines.
-SPACING_RTOL = 1e-4
-ORIGIN_ATOL_MM = 1e-3
-DIRECTION_ATOL = 1e-4
+#: default tolerances used to decide that two grids are "the same" (float32 headers and format
+#: conversions leave differences of this order): relative for spacing, absolute (mm) for the
+#: origin, absolute for direction cosines.
+SPACING_RTOL = 1e-3
+ORIGIN_ATOL_MM = 1e-2
+DIRECTION_ATOL = 1e-3
 
 #: LPS direction of the canonical RAS+ array orientation (i -> Right, j -> Anterior, k -> Superior)
 RAS_DIRECTION = np.diag([-1.0, -1.0, 1.0])
@@ -142,7 +143,7 @@ class Grid:
         m = np.linalg.inv(self.direction * self.spacing[None, :]) @ (other.direction * other.spacing[None, :])
         t = self.physical_to_index(other.origin)
         rounded = np.round(m)
-        if not np.allclose(m, rounded, atol=1e-4):
+        if not np.allclose(m, rounded, atol=DIRECTION_ATOL):
             return None
         if not all(sorted(np.abs(rounded[:, c]).tolist()) == [0.0, 0.0, 1.0] for c in range(3)):
             return None
