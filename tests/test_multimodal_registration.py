@@ -4,7 +4,8 @@ the query -> support direction of the transform, memoisation, options.
 
 Measured on this machine (2 shared cores) for CT subject 0 -> MR subject 1, Dice of the warped
 support labels against the query's: ``sitk`` (defaults, ~20 s) liver 0.80, spleen 0.72, left
-kidney 0.88, right kidney 0.50; ``ants`` (syn_iterations 20, 10; ~45 s) 0.84, 0.74, 0.86, 0.61.
+kidney 0.88, right kidney 0.50; ``ants`` at 4 mm with one SyN level of 20 iterations (~28 s;
+the defaults take ~45 s for 0.84, 0.74, 0.86, 0.61) 0.81, 0.72, 0.87, 0.65.
 The floors below sit 0.1-0.15 under these."""
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from tests.phantom_helpers import phantom_case, physical_centroid
 
 #: per-organ Dice floors of the warped CT labels on the MR of another subject
 SITK_FLOORS = {"liver": 0.68, "spleen": 0.6, "left_kidney": 0.75, "right_kidney": 0.38}
-ANTS_FLOORS = {"liver": 0.7, "spleen": 0.6, "left_kidney": 0.72, "right_kidney": 0.45}
+ANTS_FLOORS = {"liver": 0.68, "spleen": 0.6, "left_kidney": 0.74, "right_kidney": 0.5}
 
 
 def _organ_dice(warped: Volume, truth: Volume) -> dict[str, float]:
@@ -161,7 +162,7 @@ def test_ants_ct_to_mr_dice_above_floor():
     pytest.importorskip("ants", reason="antspyx is not installed (pip install antspyx)")
     support, support_label = phantom_case(0, "ct")
     query, query_label = phantom_case(1, "mr")
-    transform = AntsRegistration(AntsRegistration.Config(syn_iterations=(20, 10))).register(support, query)
+    transform = AntsRegistration(AntsRegistration.Config(syn_iterations=(20,), spacing_mm=4.0)).register(support, query)
     assert isinstance(transform, SitkTransform)
     scores = _organ_dice(transform.warp(support_label, query.grid), query_label)
     for organ, floor in ANTS_FLOORS.items():
