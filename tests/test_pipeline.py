@@ -12,6 +12,7 @@ import spasem
 from spasem.core import registry as reg
 from spasem.core.backends import RegistrationBackend, SitkTransform
 from spasem.core.cache import DiskCache, MemoryCache
+from spasem.core.config import PAPER_PRIORS
 from spasem.core.metrics import dice
 from spasem.core.pipeline import Engine
 from spasem.core.progress import Progress
@@ -87,8 +88,9 @@ def test_stage_cache_skips_registration_and_encoding(blob, fast_config, counting
 
 def test_k_shot_concatenates_prototypes(blob, fast_config):
     image, mask = blob
-    one = spasem.segment([(image, mask)], image, fast_config)
-    two = spasem.segment([(image, mask), (image, mask)], image, fast_config)
+    paper = {**fast_config, "priors": PAPER_PRIORS}  # support prototypes (the classical default replaces them)
+    one = spasem.segment([(image, mask)], image, paper)
+    two = spasem.segment([(image, mask), (image, mask)], image, paper)
     assert two.num_prototypes == 2 * one.num_prototypes
 
 
@@ -110,7 +112,8 @@ def test_registration_that_loses_the_organ_is_a_pipeline_error(blob, fast_config
 def test_progress_reports_stages(blob, fast_config):
     image, mask = blob
     stream = io.StringIO()
-    spasem.segment([(image, mask)], image, fast_config, progress=Progress(enabled=True, stream=stream))
+    paper = {**fast_config, "priors": PAPER_PRIORS}  # encodes the supports (the classical default does not)
+    spasem.segment([(image, mask)], image, paper, progress=Progress(enabled=True, stream=stream))
     text = stream.getvalue()
     for fragment in ("registering support 1", "encoding supports", "encoding query", "decoding", "pasting back"):
         assert fragment in text

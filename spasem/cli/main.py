@@ -95,10 +95,12 @@ def cli() -> None:
 
 
 def _register_builtin_commands() -> None:
-    from spasem.cli import evaluate_cmd, manifest_cmd, plugins_cmd, run_cmd, weights_cmd
+    from spasem.cli import demo_cmd, evaluate_cmd, manifest_cmd, phantoms_cmd, plugins_cmd, run_cmd, weights_cmd
 
     cli.add_command(run_cmd.run)
     cli.add_command(plugins_cmd.plugins)
+    cli.add_command(phantoms_cmd.phantoms)
+    cli.add_command(demo_cmd.demo)
     cli.add_command(weights_cmd.weights)
     cli.add_command(evaluate_cmd.evaluate)
     cli.add_command(manifest_cmd.manifest)

@@ -155,6 +155,10 @@ class RegistrationBackend(Backend):
 
     kind = "registration"
 
+    #: True when :meth:`register` also accepts ``support_mask=`` (the support's 0/1 label map on
+    #: its image's grid) to refine the alignment around that structure; the engine then passes it.
+    uses_support_mask: ClassVar[bool] = False
+
     @abstractmethod
     def register(self, support: Volume, query: Volume) -> Transform:
         """Find the transform that maps query points to support points.

@@ -56,6 +56,24 @@ class PriorsConfig(_Strict):
     sigma: float = Field(2.0, gt=0, description="Gaussian sigma of the spatial prior, in working-grid voxels")
     tau_s: float = Field(0.1, gt=0, description="temperature of the similarity softmax (P_sim)")
     tau_e: float = Field(0.07, gt=0, description="temperature of the assignment softmax (entropy)")
+    # --- options around the paper's formulas (all off by default; see spasem/core/adaptive.py) ---
+    query_prototypes: Literal["off", "add", "replace"] = Field(
+        "off", description="prototypes from the query's confident core (the warped mask eroded by core_margin_mm): "
+        "'add' to the support's, 'replace' them, or 'off' (the paper)")
+    semantic: Literal["paper", "contrastive"] = Field(
+        "paper", description="'paper': P_sim from the foreground prototypes alone; 'contrastive': against background "
+        "prototypes from the query's confident outside, H = entropy of that two-set assignment")
+    core_margin_mm: float = Field(6.0, ge=0, description="depth inside the warped mask where query voxels are confidently inside (mm)")
+    background_margin_mm: float = Field(
+        20.0, ge=0, description="distance outside the warped mask beyond which query voxels are confidently outside (mm)")
+    semantic_reach_mm: float | None = Field(
+        None, gt=0, description="use the semantic prior only within this distance of the warped mask (mm); beyond it "
+        "P_sim = 0 and H = 1, as outside the windows (None: everywhere in the windows, the paper)")
+    realign_mm: float | None = Field(
+        None, gt=0, description="before the final priors, translate the warped mask (at most this far, mm) to best "
+        "agree with a first semantic prior computed around it (None: off, the paper)")
+    max_prototypes: int | None = Field(
+        None, ge=1, description="keep at most this many prototypes per set, evenly spaced over the list (None: all, the paper)")
 
 
 class WindowConfig(_Strict):
@@ -81,14 +99,30 @@ class WindowConfig(_Strict):
         return value
 
 
-class PipelineConfig(_Strict):
-    """Everything that defines one run of the method."""
+#: the paper's prior settings (every option of :class:`PriorsConfig` off); presets of other
+#: encoders should set ``"priors": PAPER_PRIORS`` since the defaults below are the classical path's
+PAPER_PRIORS: dict[str, Any] = PriorsConfig().model_dump()
 
-    registration: StageConfig = Field(default_factory=lambda: StageConfig(name="centers"))
-    encoder: StageConfig = Field(default_factory=lambda: StageConfig(name="intensity"))
-    fusion: StageConfig = Field(default_factory=lambda: StageConfig(name="entropy_gate"))
-    decoder: StageConfig = Field(default_factory=lambda: StageConfig(name="threshold"))
-    priors: PriorsConfig = Field(default_factory=PriorsConfig)
+#: the ``classical`` preset: weight-free and cross-modal; also the defaults of :class:`PipelineConfig`
+#: (see docs/classical.md for the choices and the measured ablation)
+CLASSICAL: dict[str, Any] = {
+    "registration": {"name": "sitk", "options": {}},
+    "encoder": {"name": "mind", "options": {"mind_weight": 0.5, "intensity_bins": 96, "intensity_range": (-2.0, 4.0)}},
+    "fusion": {"name": "entropy_gate", "options": {}},
+    "decoder": {"name": "threshold", "options": {"largest_component": True}},
+    "priors": {**PAPER_PRIORS, "query_prototypes": "replace", "semantic": "contrastive", "semantic_reach_mm": 5.0,
+               "realign_mm": 10.0, "max_prototypes": 1024},
+}
+
+
+class PipelineConfig(_Strict):
+    """Everything that defines one run of the method (defaults: the ``classical`` preset)."""
+
+    registration: StageConfig = Field(default_factory=lambda: StageConfig.model_validate(CLASSICAL["registration"]))
+    encoder: StageConfig = Field(default_factory=lambda: StageConfig.model_validate(CLASSICAL["encoder"]))
+    fusion: StageConfig = Field(default_factory=lambda: StageConfig.model_validate(CLASSICAL["fusion"]))
+    decoder: StageConfig = Field(default_factory=lambda: StageConfig.model_validate(CLASSICAL["decoder"]))
+    priors: PriorsConfig = Field(default_factory=lambda: PriorsConfig.model_validate(CLASSICAL["priors"]))
     window: WindowConfig = Field(default_factory=WindowConfig)
     label: int | None = Field(None, ge=1, description="label id to segment in multi-label support masks (None: all non-zero)")
     threshold: float = Field(0.0, description="decoder logits above this are inside the structure")

@@ -24,7 +24,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
+from spasem.core.adaptive import best_shift, clean_core, contrastive_prior, evenly_spaced, region_masks
 from spasem.core.backends import Decoder, Encoder, Features, Fusion, RegistrationBackend, RunContext, Timer, tensor_to_volume
 from spasem.core.cache import StageCache, grid_digest, grid_from_dict, grid_to_dict, make_key, volume_digest
 from spasem.core.config import PipelineConfig, StageConfig, build_config
@@ -277,7 +279,11 @@ class Engine:
 
         def compute() -> dict[str, Any]:
             with self.timer.time("register"):
-                transform = self.backends.registration.register(support.image, query.volume)
+                backend = self.backends.registration
+                if backend.uses_support_mask:
+                    transform = backend.register(support.image, query.volume, support_mask=support.mask)  # type: ignore[call-arg]
+                else:
+                    transform = backend.register(support.image, query.volume)
             with self.timer.time("warp"):
                 soft = Volume(support.mask.array.astype(np.float32), support.mask.grid, name=support.mask.name)
                 warped = transform.warp(soft, query.work_grid)
@@ -345,52 +351,142 @@ class Engine:
         ]
 
     def semantic_maps(
-        self, query: PreparedQuery, query_windows: Sequence[tuple[Window, Features, Volume]], prototypes: torch.Tensor
+        self,
+        query: PreparedQuery,
+        query_windows: Sequence[tuple[Window, Features, Volume]],
+        prototypes: torch.Tensor,
+        background: torch.Tensor | None = None,
+        bands: Sequence[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``P_sim`` and entropy on the working grid, merged over the query windows."""
+        """``P_sim`` and entropy on the working grid, merged over the query windows.
+
+        :param background: background prototypes ``[N_B, C]``: the contrastive prior
+            (:func:`spasem.core.adaptive.contrastive_prior`) instead of the paper's.
+        :param bands: per-window bool masks on the feature grid: the prior is computed only
+            there; elsewhere ``P_sim = 0`` and ``H = 1`` (the values outside the windows).
+        """
         p_sim_merge = WindowMerger(query.work_grid.shape, self.device)
         entropy_merge = WindowMerger(query.work_grid.shape, self.device)
-        for window, feats, _ in query_windows:
+        pcfg = self.config.priors
+
+        def prior(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if background is not None:
+                return contrastive_prior(data, prototypes, background, pcfg.tau_s)
+            return semantic_prior(data, prototypes, pcfg.tau_s, pcfg.tau_e)
+
+        for n, (window, feats, _) in enumerate(query_windows):
             with self.timer.time("semantic_prior"):
-                p_sim_f, entropy_f = semantic_prior(
-                    feats.data.to(self.device), prototypes, self.config.priors.tau_s, self.config.priors.tau_e
-                )
+                data = feats.data.to(self.device)
+                if bands is None:
+                    p_sim_f, entropy_f = prior(data)
+                else:
+                    band = bands[n].to(self.device)
+                    p_sim_f = torch.full(band.shape, MAP_DEFAULTS["p_sim"], dtype=torch.float32, device=self.device)
+                    entropy_f = torch.full(band.shape, MAP_DEFAULTS["entropy"], dtype=torch.float32, device=self.device)
+                    if band.any():
+                        p_sel, h_sel = prior(data[:, band])
+                        p_sim_f[band], entropy_f[band] = p_sel, h_sel
                 p_sim_merge.add(window, features_to_window(p_sim_f, feats))
                 entropy_merge.add(window, features_to_window(entropy_f, feats))
         p_sim = p_sim_merge.result(MAP_DEFAULTS["p_sim"]).clamp(0, 1)
         entropy = entropy_merge.result(MAP_DEFAULTS["entropy"]).clamp(0, 1)
         return p_sim, entropy
 
+    def _semantic_pass(
+        self,
+        query: PreparedQuery,
+        inside: np.ndarray,
+        query_windows: Sequence[tuple[Window, Features, Volume]],
+        support_prototypes: Sequence[torch.Tensor],
+        reach_mm: float | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Prototypes (support and/or query core), optional background set and band, then
+        ``P_sim`` and entropy on the working grid. ``inside`` is the warped mask (bool, working
+        grid) the query-adaptive regions are taken from."""
+        pcfg = self.config.priors
+        found = list(support_prototypes)
+        background, bands = None, None
+        if pcfg.query_prototypes != "off" or pcfg.semantic != "paper" or reach_mm is not None:
+            with self.timer.time("query_regions"):
+                regions = region_masks(
+                    inside, query.work_grid, [w for w, _, _ in query_windows], [f.grid for _, f, _ in query_windows],
+                    self.device, pcfg.core_margin_mm, pcfg.background_margin_mm, reach_mm,
+                )
+
+                def rows(key: str) -> torch.Tensor:
+                    return torch.cat([feats.data.to(self.device)[:, r[key]].T for (_, feats, _), r in zip(query_windows, regions)])
+
+                if pcfg.semantic == "contrastive":
+                    background = evenly_spaced(rows("outside"), pcfg.max_prototypes)
+                    if background.shape[0] == 0:
+                        raise PipelineError(
+                            "the contrastive semantic prior found no query voxel farther than "
+                            f"priors.background_margin_mm={pcfg.background_margin_mm:g} mm from the warped mask "
+                            "inside the windows; lower it or enlarge the windows")
+                if pcfg.query_prototypes != "off":
+                    core = evenly_spaced(rows("core"), pcfg.max_prototypes)
+                    if background is not None:
+                        core = clean_core(core, background, pcfg.tau_s)
+                    found.append(core)
+                if reach_mm is not None:
+                    bands = [r["band"] for r in regions]
+        found = [p for p in found if p.numel() > 0]
+        if not found:
+            raise PipelineError("no prototype could be taken (structure smaller than a feature voxel)")
+        prototypes = torch.cat([evenly_spaced(p.to(self.device), pcfg.max_prototypes) for p in found])
+        self.progress.message(f"{prototypes.shape[0]} prototype(s) of {prototypes.shape[1]} channels"
+                              + (f", {background.shape[0]} background" if background is not None else ""))
+        p_sim, entropy = self.semantic_maps(query, query_windows, prototypes, background, bands)
+        return p_sim, entropy, int(prototypes.shape[0])
+
     def priors(self, supports: Sequence[Support | tuple[Volume, Volume]], query: Volume) -> Priors:
-        """Stages 1-3: registration, spatial prior, windows, prototypes, semantic prior."""
+        """Stages 1-3: registration, spatial prior, windows, prototypes, semantic prior.
+
+        With :class:`~spasem.core.config.PriorsConfig`'s defaults this is the paper's method; its
+        options ``query_prototypes``, ``semantic``, ``semantic_reach_mm``, ``realign_mm`` and
+        ``max_prototypes`` change what the priors receive (:mod:`spasem.core.adaptive`)."""
         prepared_query = self.prepare_query(query)
         prepared = self.prepare_supports(supports)
         torch.manual_seed(self.config.seed)
         cfg = self.config
-        warped_sum = np.zeros(prepared_query.work_grid.shape, dtype=np.float32)
+        pcfg = cfg.priors
+        work_grid = prepared_query.work_grid
+        warped_sum = np.zeros(work_grid.shape, dtype=np.float32)
         for n, support in enumerate(prepared, start=1):
             warped_sum += self.warp_support(support, prepared_query, n)
-        warped_mean = torch.as_tensor(warped_sum / len(prepared), device=self.device)
-        with self.timer.time("spatial_prior"):
-            p_reg = spatial_prior(warped_mean, cfg.priors.sigma)
-        bounds = roi_bounds(warped_sum > 0, prepared_query.work_grid, cfg.window.margin_mm)
+        warped_mean = warped_sum / len(prepared)
+        realign = pcfg.realign_mm
+        bounds = roi_bounds(warped_sum > 0, work_grid, cfg.window.margin_mm + (realign or 0.0))
         assert bounds is not None  # every warped mask is non-empty (checked in warp_support)
-        windows = plan_windows(prepared_query.work_grid, bounds[0], bounds[1], cfg.window.size, cfg.window.min_overlap)
+        windows = plan_windows(work_grid, bounds[0], bounds[1], cfg.window.size, cfg.window.min_overlap)
         size = cfg.window.size
         self.progress.message(f"{len(windows)} query window(s) of {size[0]}x{size[1]}x{size[2]} at {cfg.window.spacing_mm:g} mm")
 
-        with self.progress.stage(f"encoding supports ({self.backends.encoder.name})"):
-            found = [self.support_prototypes(support, n) for n, support in enumerate(prepared, start=1)]
-        found = [p for p in found if p.numel() > 0]
-        if not found:
-            raise PipelineError("no prototype could be taken from the support masks (structure smaller than a feature voxel)")
-        prototypes = torch.cat(found)
-        self.progress.message(f"{prototypes.shape[0]} prototype(s) of {prototypes.shape[1]} channels")
+        found: list[torch.Tensor] = []
+        if pcfg.query_prototypes != "replace":
+            with self.progress.stage(f"encoding supports ({self.backends.encoder.name})"):
+                found = [self.support_prototypes(support, n) for n, support in enumerate(prepared, start=1)]
+            found = [p.to(self.device) for p in found if p.numel() > 0]
+            if not found:
+                raise PipelineError("no prototype could be taken from the support masks (structure smaller than a feature voxel)")
 
         with self.progress.stage(f"encoding query ({len(windows)} window(s))"):
             query_windows = self.encode_query(prepared_query, windows)
-            p_sim, entropy = self.semantic_maps(prepared_query, query_windows, prototypes)
-        return Priors(prepared_query, windows, p_reg, p_sim, entropy, query_windows, int(prototypes.shape[0]))
+            if realign is not None:
+                with self.progress.stage("realigning the spatial prior on the semantic prior"):
+                    reach = realign + (pcfg.semantic_reach_mm or 0.0)
+                    p_sim0, _, _ = self._semantic_pass(prepared_query, warped_mean >= 0.5, query_windows, found, reach)
+                    with self.timer.time("realign"):
+                        shift = best_shift(warped_mean >= 0.5, p_sim0.cpu().numpy(), work_grid.spacing, realign,
+                                           [w for w, _, _ in query_windows])
+                        if np.any(shift):
+                            warped_mean = ndimage.shift(warped_mean, shift, order=0, mode="constant", cval=0.0)
+                    self.progress.message(f"shift {tuple(np.round(shift * work_grid.spacing, 1))} mm (working-grid axes)")
+            with self.timer.time("spatial_prior"):
+                p_reg = spatial_prior(torch.as_tensor(warped_mean, device=self.device), cfg.priors.sigma)
+            p_sim, entropy, n_prototypes = self._semantic_pass(
+                prepared_query, warped_mean >= 0.5, query_windows, found, pcfg.semantic_reach_mm)
+        return Priors(prepared_query, windows, p_reg, p_sim, entropy, query_windows, n_prototypes)
 
     def decode(self, priors: Priors, fusion: Fusion | None = None) -> SegmentationResult:
         """Stages 4-5: fuse, decode each window, merge, paste back onto the query's grid."""

@@ -29,7 +29,9 @@ ENTRY_POINT_GROUP = "spasem"
 #: modules that register the built-in backends, loaded exactly like third-party plugins
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "spasem.plugins.registration.basic",
+    "spasem.plugins.registration.multimodal",
     "spasem.plugins.encoders.intensity",
+    "spasem.plugins.encoders.mind",
     "spasem.plugins.fusion.builtin",
     "spasem.plugins.decoders.threshold",
     "spasem.plugins.presets",

@@ -69,21 +69,30 @@ class PairMemo:
         self.name = inner.name
         self.config = inner.config
         self.context = inner.context
-        self._transforms: dict[tuple[int, int], tuple[Volume, Volume, Any]] = {}
+        #: the engine passes ``support_mask=`` to backends that refine around the structure
+        self.uses_support_mask = bool(getattr(inner, "uses_support_mask", False))
+        self._transforms: dict[tuple[int, ...], tuple[Any, ...]] = {}
         #: registrations computed and reused so far
         self.computed = 0
         self.reused = 0
 
-    def register(self, support: Volume, query: Volume) -> Any:
-        key = (id(support), id(query))
+    def register(self, support: Volume, query: Volume, support_mask: Volume | None = None) -> Any:
+        """The inner backend's transform; a mask-refining backend also gets ``support_mask``
+        (and the mask is part of the pair's identity)."""
+        objects = (support, query, support_mask) if self.uses_support_mask and support_mask is not None else (support, query)
+        key = tuple(id(o) for o in objects)
         hit = self._transforms.get(key)
-        if hit is None or hit[0] is not support or hit[1] is not query:
-            hit = (support, query, self.inner.register(support, query))
+        if hit is None or any(a is not b for a, b in zip(hit[:-1], objects)):
+            if len(objects) == 3:
+                transform = self.inner.register(support, query, support_mask=support_mask)
+            else:
+                transform = self.inner.register(support, query)
+            hit = (*objects, transform)
             self._transforms[key] = hit
             self.computed += 1
         else:
             self.reused += 1
-        return hit[2]
+        return hit[-1]
 _lock = threading.Lock()
 _volumes: "OrderedDict[tuple[str, bool], Volume]" = OrderedDict()
 _backends: dict[tuple[str, int], Any] = {}
