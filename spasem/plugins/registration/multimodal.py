@@ -383,7 +383,7 @@ class AntsRegistration(_MultimodalRegistration):
         try:
             import ants
         except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ConfigError(f"registration 'ants' needs the antspyx package ({exc}); pip install antspyx") from None
+            raise ConfigError(f"registration 'ants' needs the antspyx package ({exc}); pip install 'spasem[ants]' (or antspyx)") from None
         cfg = self.config
         affine_backend = SitkRegistration(SitkRegistration.Config(
             spacing_mm=cfg.spacing_mm, ct_window=cfg.ct_window, histogram_bins=cfg.histogram_bins, deformable="none",
