@@ -111,7 +111,7 @@ CLASSICAL: dict[str, Any] = {
     "fusion": {"name": "entropy_gate", "options": {}},
     "decoder": {"name": "threshold", "options": {"largest_component": True}},
     "priors": {**PAPER_PRIORS, "query_prototypes": "replace", "semantic": "contrastive", "semantic_reach_mm": 5.0,
-               "realign_mm": 10.0, "max_prototypes": 1024},
+               "max_prototypes": 1024},
 }
 
 
