@@ -178,7 +178,11 @@ def test_backends_registered_and_options_validated():
     registry = get_registry()
     assert registry.get("registration", "sitk").cls is SitkRegistration
     assert registry.get("registration", "ants").cls is AntsRegistration
-    assert SitkRegistration.uses_support_mask and AntsRegistration.uses_support_mask
+    for cls in (SitkRegistration, AntsRegistration):
+        # the support mask is only asked for when the structure-focused refinement is on, so the
+        # whole-scan transform of a pair is computed once for all its structures otherwise
+        assert not cls(cls.parse_options({})).uses_support_mask
+        assert cls(cls.parse_options({"focus_margin_mm": 20})).uses_support_mask
     with pytest.raises(ConfigError, match="registration 'sitk': bogus: unknown option"):
         SitkRegistration.parse_options({"bogus": 1})
     with pytest.raises(ConfigError, match="registration 'sitk': deformable"):

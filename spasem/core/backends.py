@@ -155,9 +155,11 @@ class RegistrationBackend(Backend):
 
     kind = "registration"
 
-    #: True when :meth:`register` also accepts ``support_mask=`` (the support's 0/1 label map on
+    #: True when :meth:`register` also takes ``support_mask=`` (the support's 0/1 label map on
     #: its image's grid) to refine the alignment around that structure; the engine then passes it.
-    uses_support_mask: ClassVar[bool] = False
+    #: A backend may make it a property of its configuration: when False, the transform of a
+    #: (support, query) pair is the same for every structure and is computed once per pair.
+    uses_support_mask: bool = False
 
     @abstractmethod
     def register(self, support: Volume, query: Volume) -> Transform:

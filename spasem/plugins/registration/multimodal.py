@@ -182,7 +182,10 @@ class _GlobalResult:
 class _MultimodalRegistration(RegistrationBackend):
     """Whole-scan registration (memoised per pair) + optional structure-focused affine refinement."""
 
-    uses_support_mask = True
+    @property
+    def uses_support_mask(self) -> bool:  # type: ignore[override]
+        """Only the structure-focused refinement reads the support mask."""
+        return self.config.focus_margin_mm is not None
 
     def __init__(self, config=None, context=None):
         super().__init__(config, context)
