@@ -17,6 +17,9 @@ from spasem.core.io import load
 from spasem.core.metrics import dice
 
 CHEAP = ["--set", "window.size=32", "--set", "window.spacing_mm=3", "-q"]
+#: the protocol's mechanics are checked with the cheapest backends (the default, weight-free
+#: 'classical' preset on phantoms: test_evaluate_phantoms.py)
+BASIC = ["--preset", "basic"]
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +31,14 @@ def cohort(tmp_path_factory) -> Path:
 def protocol_run(cohort, tmp_path_factory) -> tuple[Path, list[str]]:
     out = tmp_path_factory.mktemp("eval") / "out"
     args = ["--supports", str(cohort), "--support-modality", "CT", "--queries", str(cohort), "--query-modality", "MR",
-            "--out", str(out), "--shots", "1,2", "--draws", "2", "--fusion", "entropy_gate,mean", "--workers", "2", *CHEAP]
+            "--out", str(out), "--shots", "1,2", "--draws", "2", "--fusion", "entropy_gate,mean", "--workers", "2", *BASIC, *CHEAP]
     invoke(*args)
     return out, args
 
 
 @pytest.mark.slow
 def test_protocol_tables_match_the_cases(protocol_run):
-    check_protocol_outputs(protocol_run[0], "default", ["entropy_gate", "mean"])
+    check_protocol_outputs(protocol_run[0], "basic", ["entropy_gate", "mean"])
 
 
 @pytest.mark.slow
@@ -101,7 +104,7 @@ def dask_cluster():
 @pytest.mark.slow
 def test_dask_cluster_gives_the_same_results_as_this_process(cohort, tmp_path, dask_cluster):
     # no modality filter: the CT+MR support set gives all four directions
-    common = ["--supports", str(cohort), "--organs", "liver", "--draws", "1", "--fusion", "mean", *CHEAP]
+    common = ["--supports", str(cohort), "--organs", "liver", "--draws", "1", "--fusion", "mean", *BASIC, *CHEAP]
     invoke(*common, "--out", str(tmp_path / "dask"), "--scheduler", dask_cluster.scheduler_address)
     invoke(*common, "--out", str(tmp_path / "local"), "--workers", "1", "--save-predictions")
     on_dask, local = read_cases(tmp_path / "dask"), read_cases(tmp_path / "local")
@@ -121,7 +124,7 @@ def test_dask_cluster_gives_the_same_results_as_this_process(cohort, tmp_path, d
     labels = {c["id"]: Path(cohort).parent / c["label"] for c in manifest["cases"]}
     for r in local:
         stem = f"{r['organ']}_{r['direction'].replace('->', '_to_')}_k1_d0.nii.gz"
-        path = tmp_path / "local" / "predictions" / "default" / "mean" / r["query"] / stem
+        path = tmp_path / "local" / "predictions" / "basic" / "mean" / r["query"] / stem
         truth = load(labels[r["query"]], is_label=True)
         label_id = manifest["label_names"][r["organ"]]
         assert dice(load(path, is_label=True).array, truth.array == label_id) == pytest.approx(float(r["dice"]))
@@ -130,16 +133,16 @@ def test_dask_cluster_gives_the_same_results_as_this_process(cohort, tmp_path, d
 def test_presets_in_one_run_share_the_cached_work(cohort, tmp_path):
     out = tmp_path / "out"
     invoke("--supports", str(cohort), "--support-modality", "MR", "--query-modality", "MR", "--organs", "RK",
-           "--draws", "1", "--preset", "default,basic", "--fusion", "mean,spatial_only", "--workers", "1",
+           "--draws", "1", "--preset", "default,classical", "--fusion", "mean,spatial_only", "--workers", "1",
            "--out", str(out), *CHEAP)
     rows = read_cases(out)
     assert len(rows) == 3 * 2 * 2
-    assert {(r["method"], r["fusion"]) for r in rows} == {(m, f) for m in ("default", "basic") for f in ("mean", "spatial_only")}
-    # 'basic' is the default configuration: its registrations and features come from the cache the
-    # 'default' units filled, and it gives the same numbers
+    assert {(r["method"], r["fusion"]) for r in rows} == {(m, f) for m in ("default", "classical") for f in ("mean", "spatial_only")}
+    # 'classical' is the default configuration: its registrations and features come from the cache
+    # the 'default' units filled, and it gives the same numbers
     for r in rows:
         assert (r["t_register"] != "") == (r["method"] == "default")
     by = {(r["method"], r["fusion"], r["query"]): r["dice"] for r in rows}
-    assert all(by[("basic", f, q)] == by[("default", f, q)] for (_, f, q) in by)
+    assert all(by[("classical", f, q)] == by[("default", f, q)] for (_, f, q) in by)
     table = parse_tables((out / "table.md").read_text())[("Dice 3D (%)", "MRI->MRI", 1)]
-    assert list(table) == ["default / mean", "default / spatial_only", "basic / mean", "basic / spatial_only"]
+    assert list(table) == ["default / mean", "default / spatial_only", "classical / mean", "classical / spatial_only"]
