@@ -13,6 +13,7 @@ bring.
 Usage::
 
     PYTHONPATH=. python benchmarks/bench_classical.py --pairs 4 [--ablation] [--data /tmp/spasem-phantoms]
+        [--set priors.semantic_reach_mm=10 ...]   (any configuration field, as ``spasem run --set``)
 """
 
 from __future__ import annotations
@@ -107,15 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ablation", action="store_true", help="also run the paper's priors with the same backends")
     parser.add_argument("--json", type=Path, default=None, help="write all Dice values here")
+    parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                        help="configuration field over the classical preset, as `spasem run --set` (repeatable)")
     args = parser.parse_args(argv)
 
+    from spasem.cli.options import parse_set_options
     from spasem.core.config import CLASSICAL, PAPER_PRIORS
 
     organs = [o.strip() for o in args.organs.split(",") if o.strip()]
     manifest = ensure_cohort(args.data, args.pairs + 1, args.seed)
-    runs = {"classical (default)": [CLASSICAL]}
+    overrides = parse_set_options(args.assignments)
+    runs = {"classical (default)" if not overrides else f"classical + {' '.join(args.assignments)}": [CLASSICAL, overrides]}
     if args.ablation:
-        runs["paper priors, same backends"] = [CLASSICAL, {"priors": PAPER_PRIORS}]
+        runs["paper priors, same backends"] = [CLASSICAL, overrides, {"priors": PAPER_PRIORS}]
     t0 = time.perf_counter()
     outputs = {name: run(layers, name, manifest, args.pairs, organs) for name, layers in runs.items()}
     for name, out in outputs.items():
