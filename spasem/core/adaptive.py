@@ -54,6 +54,16 @@ def mask_distances(mask: np.ndarray, spacing: np.ndarray) -> tuple[np.ndarray, n
     return depth, distance
 
 
+def windows_box(windows: Sequence[Window], shape: Sequence[int]) -> tuple[slice, ...]:
+    """The box of the working grid (of ``shape``) covered by ``windows``, as slices (the windows'
+    union box clipped to the grid)."""
+    starts = np.array([w.start for w in windows])
+    stops = np.array([np.add(w.start, w.size) for w in windows])
+    lo = np.maximum(starts.min(axis=0), 0)
+    hi = np.minimum(stops.max(axis=0), np.asarray(shape))
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
 def pool_to_features(mask: np.ndarray, window: Window, feature_grid: Grid, device, min_fraction: float = 0.5) -> torch.Tensor:
     """A working-grid bool mask brought to a window's feature grid: feature voxels of which at
     least ``min_fraction`` of the window voxels are in the mask (``> 0`` when ``min_fraction`` is 0)."""
@@ -119,11 +129,7 @@ def region_masks(
     the warped mask ``warped``), ``outside`` (farther than ``background_margin_mm``) and, with a
     reach, ``band`` (within ``reach_mm`` of it). Distances are computed on the windows' union box
     of the working grid. A structure too thin for a core gets its deepest half as core."""
-    starts = np.array([w.start for w in windows])
-    stops = np.array([np.add(w.start, w.size) for w in windows])
-    lo = np.maximum(starts.min(axis=0), 0)
-    hi = np.minimum(stops.max(axis=0), np.asarray(work_grid.shape))
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    box = windows_box(windows, work_grid.shape)
     depth = np.zeros(work_grid.shape, np.float32)
     distance = np.full(work_grid.shape, np.inf, np.float32)
     depth[box], distance[box] = mask_distances(warped[box], work_grid.spacing)
@@ -153,11 +159,7 @@ def best_shift(inside: np.ndarray, p_sim: np.ndarray, spacing: np.ndarray, max_s
     ``t = 0`` when nothing agrees better than no shift."""
     from scipy.signal import fftconvolve
 
-    starts = np.array([w.start for w in windows])
-    stops = np.array([np.add(w.start, w.size) for w in windows])
-    lo = np.maximum(starts.min(axis=0), 0)
-    hi = np.minimum(stops.max(axis=0), np.asarray(inside.shape))
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    box = windows_box(windows, inside.shape)
 
     def coarse(values: np.ndarray) -> np.ndarray:
         t = torch.as_tensor(np.ascontiguousarray(values, dtype=np.float32))[None, None]
@@ -181,4 +183,4 @@ def best_shift(inside: np.ndarray, p_sim: np.ndarray, spacing: np.ndarray, max_s
 
 
 __all__ = ["best_shift", "clean_core", "contrastive_prior", "evenly_spaced", "log_mean_exp", "mask_distances", "pool_to_features",
-           "region_masks"]
+           "region_masks", "windows_box"]
