@@ -44,8 +44,8 @@ class MindRefineOptions(BaseModel):
         ((4, 2), (2, 2), (1, 2)), description="discrete search levels, coarse to fine: (pooling, radius in pooled voxels)")
     patch: int = Field(3, ge=1, le=9, description="side (voxels) of the neighbourhood a displacement's cost is averaged over")
     penalties: tuple[float, ...] = Field(
-        (0.003, 0.01, 0.03, 0.1), description="growing pulls towards the smoothed field in the discrete search")
-    field_sigma: float = Field(2.0, ge=0, description="Gaussian sigma (voxels) smoothing the discrete field")
+        (0.001, 0.003, 0.01), description="growing pulls towards the smoothed field in the discrete search")
+    field_sigma: float = Field(1.0, ge=0, description="Gaussian sigma (voxels) smoothing the discrete field")
     iterations: int = Field(20, ge=0, description="Adam steps of the continuous refinement (0 = discrete search only)")
     learning_rate: float = Field(0.2, gt=0, description="Adam step (voxels)")
     smoothness: float = Field(1.0, ge=0, description="weight of the squared field gradients in the continuous refinement")
