@@ -4,11 +4,11 @@ the query -> support direction of the transform, memoisation, options.
 
 Measured on this machine (2 cores) for CT subject 0 -> MR subject 1, Dice of the warped support
 labels against the query's (liver, spleen, left kidney, right kidney): ``sitk`` defaults (whole-scan
-affine + B-spline, then the MIND refinement, 19 s) 0.88, 0.81, 0.81, 0.67, mean 0.79; without the
-refinement (5 s) 0.80, 0.72, 0.88, 0.50, mean 0.73. ``ants`` defaults with the refinement (30 s)
-0.88, 0.80, 0.78, 0.66; without it (16 s) 0.84, 0.73, 0.87, 0.60. The ANTs test runs it at 4 mm
+affine + B-spline, then the MIND refinement, 25 s) 0.83, 0.82, 0.79, 0.74, mean 0.79; without the
+refinement (7 s) 0.80, 0.72, 0.88, 0.50, mean 0.73. ``ants`` defaults with the refinement (36 s)
+0.85, 0.83, 0.77, 0.70; without it (18 s) 0.84, 0.73, 0.87, 0.60. The ANTs test runs it at 4 mm
 with one SyN level of 20 iterations and no refinement (~28 s): 0.81, 0.72, 0.87, 0.65.
-The floors below sit 0.1-0.15 under these."""
+The floors below sit 0.08-0.19 under these."""
 
 from __future__ import annotations
 
