@@ -296,10 +296,11 @@ class _MultimodalRegistration(RegistrationBackend):
 # SimpleITK
 # ------------------------------------------------------------------------------------------
 class SitkRegistration(_MultimodalRegistration):
-    """Affine + B-spline registration with Mattes mutual information (SimpleITK)."""
+    """Affine + B-spline registration with Mattes mutual information (SimpleITK), then the MIND refinement."""
 
     name = "sitk"
-    description = "multimodal: body-centroid init + z search, affine and B-spline with Mattes MI, structure-focused affine (SimpleITK)"
+    description = ("multimodal: body-centroid init + z search, affine and B-spline with Mattes MI (SimpleITK), "
+                   "MIND-SSC deformable refinement, optional structure-focused affine")
 
     class Config(_FocusConfig):
         z_search_mm: float = Field(40.0, ge=0, description="exhaustive cranio-caudal translation search range (+- mm); 0 = off")
@@ -399,7 +400,8 @@ class AntsRegistration(_MultimodalRegistration):
     """The ``sitk`` affine stage, then ANTs SyN with Mattes MI (ANTsPy), as one SimpleITK transform."""
 
     name = "ants"
-    description = "multimodal: sitk affine, then ANTs SyN with Mattes MI (antspyx), structure-focused affine"
+    description = ("multimodal: sitk affine, then ANTs SyN with Mattes MI (antspyx), MIND-SSC deformable refinement, "
+                   "optional structure-focused affine")
 
     class Config(_FocusConfig):
         syn_iterations: tuple[int, ...] = Field((40, 20, 10), description="SyN iterations per level (coarse to fine)")
