@@ -82,7 +82,7 @@ def mind_ssc(image: torch.Tensor, dilation: int = 2, sigma: float = 0.8, eps: fl
     return torch.exp(-distances / variance)
 
 
-def _pool(data: torch.Tensor, stride: int) -> torch.Tensor:
+def block_average(data: torch.Tensor, stride: int) -> torch.Tensor:
     """Average ``[C, D, H, W]`` over ``stride``^3 blocks (partial blocks at the far edges)."""
     if stride <= 1:
         return data
@@ -136,7 +136,7 @@ class MindEncoder(Encoder):
         blocks = []
         if cfg.mind_weight > 0 and cfg.dilations:
             mind = torch.cat([mind_ssc(x, d, cfg.sigma) for d in cfg.dilations])
-            mind = _pool(mind, s)
+            mind = block_average(mind, s)
             if cfg.standardize:
                 flat = mind.reshape(mind.shape[0], -1)
                 mind = ((flat - flat.mean(dim=1, keepdim=True)) / flat.std(dim=1, keepdim=True).clamp_min(1e-6)).reshape(mind.shape)
@@ -147,7 +147,7 @@ class MindEncoder(Encoder):
             for sigma in cfg.intensity_scales:
                 t = (gaussian_smooth(x, sigma) if sigma > 0 else x).clamp(*cfg.intensity_range)
                 embedding = torch.exp(-0.5 * ((t[None] - centres[:, None, None, None]) / width) ** 2)
-                blocks.append(cfg.intensity_weight * F.normalize(_pool(embedding, s) + 1e-6, dim=0))
+                blocks.append(cfg.intensity_weight * F.normalize(block_average(embedding, s) + 1e-6, dim=0))
         if not blocks:
             raise ConfigError("encoder 'mind': no channels (mind_weight is 0 or dilations empty, and no intensity_bins)")
         data = torch.cat(blocks)

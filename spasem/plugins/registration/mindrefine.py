@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from spasem.core.priors import gaussian_smooth
-from spasem.plugins.encoders.mind import mind_ssc
+from spasem.plugins.encoders.mind import block_average, mind_ssc
 
 
 class MindRefineOptions(BaseModel):
@@ -128,11 +128,8 @@ def refine_displacement(fixed: np.ndarray, moving: np.ndarray, mask: np.ndarray 
     with torch.no_grad():
         for pooling, radius in options.levels:
             warped = warp_features(moving_f, field)
-            a, b = fixed_f, warped
-            if pooling > 1:
-                a = F.avg_pool3d(a[None], pooling, stride=pooling, ceil_mode=True)[0]
-                b = F.avg_pool3d(b[None], pooling, stride=pooling, ceil_mode=True)[0]
-            step = discrete_search(a, b, radius, options) * pooling
+            pooled_fixed, pooled_warped = block_average(fixed_f, pooling), block_average(warped, pooling)
+            step = discrete_search(pooled_fixed, pooled_warped, radius, options) * pooling
             if pooling > 1:
                 step = F.interpolate(step[None], size=size, mode="trilinear", align_corners=False)[0]
             field = step + warp_features(field, step)  # u(x) = du(x) + u(x + du(x))
