@@ -46,9 +46,18 @@ def ensure_cohort(data: Path, subjects: int, seed: int) -> "object":
     return read_manifest(manifest_path)
 
 
+def load_pair(manifest, cases: dict, k: int, support_mod: str, query_mod: str):
+    """``(support, support_label, query, query_label)``: the ``support_mod`` scan of subject ``k``
+    and the ``query_mod`` scan of subject ``k + 1``."""
+    from spasem.core.io import load
+
+    s_case, q_case = cases[f"s{k:03d}_{support_mod}"], cases[f"s{k + 1:03d}_{query_mod}"]
+    return (load(manifest.image_path(s_case), modality=s_case.modality), load(manifest.label_path(s_case), is_label=True),
+            load(manifest.image_path(q_case), modality=q_case.modality), load(manifest.label_path(q_case), is_label=True))
+
+
 def run(config_layers: list[dict], name: str, manifest, pairs: int, organs: list[str]) -> dict:
     from spasem.core.config import build_config
-    from spasem.core.io import load
     from spasem.core.metrics import dice
     from spasem.core.pipeline import Engine, Support
 
@@ -59,11 +68,7 @@ def run(config_layers: list[dict], name: str, manifest, pairs: int, organs: list
     for k in range(pairs):
         for support_mod, query_mod in (("ct", "mr"), ("mr", "ct")):
             direction = f"{support_mod.upper()}->{query_mod.upper()}"
-            s_case, q_case = cases[f"s{k:03d}_{support_mod}"], cases[f"s{k + 1:03d}_{query_mod}"]
-            support = load(manifest.image_path(s_case), modality=s_case.modality)
-            support_label = load(manifest.label_path(s_case), is_label=True)
-            query = load(manifest.image_path(q_case), modality=q_case.modality)
-            query_label = load(manifest.label_path(q_case), is_label=True)
+            support, support_label, query, query_label = load_pair(manifest, cases, k, support_mod, query_mod)
             for organ in organs:
                 label = manifest.label_names[organ]
                 engine.config = build_config(*config_layers, {"label": label})

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_classical import ensure_cohort  # noqa: E402
+from bench_classical import ensure_cohort, load_pair  # noqa: E402
 
 ORGANS = ("liver", "spleen", "left_kidney", "right_kidney")
 
@@ -39,7 +39,6 @@ def parse_variant(text: str) -> tuple[str, str, dict]:
 
 def run_variant(backend_name: str, options: dict, manifest, pairs: int) -> tuple[dict[str, list[float]], list[float]]:
     from spasem.core.backends import RunContext
-    from spasem.core.io import load
     from spasem.core.metrics import dice
     from spasem.core.registry import get_registry
 
@@ -49,11 +48,7 @@ def run_variant(backend_name: str, options: dict, manifest, pairs: int) -> tuple
     seconds: list[float] = []
     for k in range(pairs):
         for support_mod, query_mod in (("ct", "mr"), ("mr", "ct")):
-            s_case, q_case = cases[f"s{k:03d}_{support_mod}"], cases[f"s{k + 1:03d}_{query_mod}"]
-            support = load(manifest.image_path(s_case), modality=s_case.modality)
-            support_label = load(manifest.label_path(s_case), is_label=True)
-            query = load(manifest.image_path(q_case), modality=q_case.modality)
-            query_label = load(manifest.label_path(q_case), is_label=True)
+            support, support_label, query, query_label = load_pair(manifest, cases, k, support_mod, query_mod)
             backend = cls(cls.Config(**options), RunContext())
             t = time.perf_counter()
             line = []
