@@ -30,7 +30,7 @@ def test_default_configuration_is_the_classical_preset():
     assert build_config(preset) == PipelineConfig() == build_config(CLASSICAL)
     config = PipelineConfig()
     assert (config.registration.name, config.encoder.name, config.fusion.name, config.decoder.name) == (
-        "sitk", "mind", "entropy_gate", "threshold")
+        "sitk", "mind", "entropy_gate", "appearance")
     assert config.priors.semantic == "contrastive" and config.priors.query_prototypes == "replace"
     # every backend of the preset accepts its options
     for kind in ("registration", "encoder", "fusion", "decoder"):
@@ -67,7 +67,7 @@ def test_classical_run_ct_support_mr_query(tmp_path):
 
     assert ndimage.label(prediction.array, structure=np.ones((3, 3, 3)))[1] == 1
 
-    maps = {name: load(priors / f"{name}.nii.gz") for name in ("p_reg", "p_sim", "entropy", "fused_logits")}
+    maps = {name: load(priors / f"{name}.nii.gz") for name in ("p_reg", "p_sim", "entropy", "fused_logits", "logits")}
     for name, volume in maps.items():
         assert volume.grid.same_as(query.grid), name
         assert np.isfinite(volume.array).all(), name
@@ -77,5 +77,11 @@ def test_classical_run_ct_support_mr_query(tmp_path):
     assert p_reg.max() > 0.95 and p_reg[truth].mean() > 0.6 and p_reg[~truth].mean() < 0.05
     assert p_sim[truth].mean() > p_sim[~truth].mean() + 0.3
     assert entropy[~truth].mean() > 0.9  # outside the semantic reach: H = 1
-    # the threshold decoder predicts where the fused logits are positive
-    assert (maps["fused_logits"].array[prediction.array > 0] > -1e-3).all()
+    # the prediction is the decoder's logits > 0 (then the largest component) ...
+    assert (maps["logits"].array[prediction.array > 0] > -1e-3).all()
+    # ... and the appearance decoder moves the fused mask's boundary, not the structure: every
+    # predicted voxel lies within 3 prior sigmas (18 mm) of the fused mask
+    fused_mask = maps["fused_logits"].array > 0
+    distance = ndimage.distance_transform_edt(~fused_mask, sampling=query.grid.spacing)
+    assert distance[prediction.array > 0].max() < 18.0
+    assert dice(prediction.array, fused_mask) > 0.7

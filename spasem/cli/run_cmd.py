@@ -18,6 +18,7 @@ PRIOR_FILES = {
     "p_sim": "p_sim.nii.gz",
     "entropy": "entropy.nii.gz",
     "fused_logits": "fused_logits.nii.gz",
+    "logits": "logits.nii.gz",
 }
 
 
@@ -57,7 +58,7 @@ def _check_priors_dir(path: Path) -> None:
               help="modality of the query when the file does not say it")
 @click.option("--resample-mask", is_flag=True, help="resample a mask stored on another grid than its image (nearest neighbour)")
 @click.option("--save-priors", type=click.Path(path_type=Path), default=None,
-              help="folder for P_reg, P_sim, entropy and fused logits on the query's grid (NIfTI)")
+              help="folder for P_reg, P_sim, entropy, fused logits and decoder logits on the query's grid (NIfTI)")
 @click.option("-q", "--quiet", is_flag=True, help="no progress or summary on stderr")
 def run(supports, support_masks, label, query, output, preset, config_file, registration, encoder, fusion, decoder,
         set_options, device, seed, support_modality, query_modality, resample_mask, save_priors, quiet) -> None:

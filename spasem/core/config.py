@@ -109,7 +109,7 @@ CLASSICAL: dict[str, Any] = {
     "registration": {"name": "sitk", "options": {}},
     "encoder": {"name": "mind", "options": {"mind_weight": 0.5, "intensity_bins": 96, "intensity_range": (-2.0, 4.0)}},
     "fusion": {"name": "entropy_gate", "options": {}},
-    "decoder": {"name": "threshold", "options": {"largest_component": True}},
+    "decoder": {"name": "appearance", "options": {"largest_component": True}},
     "priors": {**PAPER_PRIORS, "query_prototypes": "replace", "semantic": "contrastive", "semantic_reach_mm": 3.0,
                "max_prototypes": 1024},
 }

@@ -34,6 +34,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "spasem.plugins.encoders.mind",
     "spasem.plugins.fusion.builtin",
     "spasem.plugins.decoders.threshold",
+    "spasem.plugins.decoders.appearance",
     "spasem.plugins.presets",
     "spasem.plugins.registration.gradicon",
     "spasem.plugins.encoders.sam_med3d",

@@ -27,15 +27,21 @@ class ThresholdDecoder(Decoder):
         return fused_logits
 
     def postprocess(self, mask: Volume) -> Volume:
-        arr = mask.array > 0
-        if self.config.largest_component and arr.any():
-            labels, n = ndimage.label(arr, structure=np.ones((3, 3, 3), bool))
-            if n > 1:
-                sizes = np.bincount(labels.ravel())[1:]
-                arr = labels == (int(np.argmax(sizes)) + 1)
-        if self.config.fill_holes:
-            arr = ndimage.binary_fill_holes(arr)
-        return mask.with_array(arr.astype(np.uint8))
+        return clean_mask(mask, self.config.largest_component, self.config.fill_holes)
+
+
+def clean_mask(mask: Volume, largest_component: bool, fill_holes: bool) -> Volume:
+    """``mask`` (non-zero = inside) as uint8 0/1, optionally reduced to its largest 26-connected
+    component and with enclosed 3D holes filled."""
+    arr = mask.array > 0
+    if largest_component and arr.any():
+        labels, n = ndimage.label(arr, structure=np.ones((3, 3, 3), bool))
+        if n > 1:
+            sizes = np.bincount(labels.ravel())[1:]
+            arr = labels == (int(np.argmax(sizes)) + 1)
+    if fill_holes:
+        arr = ndimage.binary_fill_holes(arr)
+    return mask.with_array(arr.astype(np.uint8))
 
 
 @hookimpl
