@@ -110,7 +110,7 @@ CLASSICAL: dict[str, Any] = {
     "encoder": {"name": "mind", "options": {"mind_weight": 0.5, "intensity_bins": 96, "intensity_range": (-2.0, 4.0)}},
     "fusion": {"name": "entropy_gate", "options": {}},
     "decoder": {"name": "appearance", "options": {"largest_component": True}},
-    "priors": {**PAPER_PRIORS, "query_prototypes": "replace", "semantic": "contrastive", "semantic_reach_mm": 3.0,
+    "priors": {**PAPER_PRIORS, "query_prototypes": "replace", "semantic": "contrastive", "semantic_reach_mm": 0.5,
                "max_prototypes": 1024},
 }
 

@@ -90,11 +90,20 @@ class AppearanceDecoder(Decoder):
         if not seed.any() or seed.all():
             return fused_logits
         spacing = np.asarray(fused_logits.grid.spacing, dtype=np.float64)
-        image = np.asarray(query_image.array, dtype=np.float32)
-        prior = ndimage.gaussian_filter(seed.astype(np.float32), cfg.prior_sigma_mm / spacing, mode="constant")
+        # everything that can change lies within the band or 4 prior sigmas (the Gaussian's
+        # support) of the seed: work on that box; beyond it the prior is at its floor
+        margin = np.ceil(max(4.0 * cfg.prior_sigma_mm, cfg.band_mm[1]) / spacing).astype(int) + 1
+        found = np.argwhere(seed)
+        lo = np.maximum(found.min(axis=0) - margin, 0)
+        hi = np.minimum(found.max(axis=0) + margin + 1, seed.shape)
+        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        seed_box = seed[box]
+        image = np.asarray(query_image.array, dtype=np.float32)[box]
+        floor_logit = float(np.log(cfg.prior_floor) - np.log1p(-cfg.prior_floor))
+        prior = ndimage.gaussian_filter(seed_box.astype(np.float32), cfg.prior_sigma_mm / spacing, mode="constant")
         prior = np.clip(prior, cfg.prior_floor, 1.0 - cfg.prior_floor)
         prior_logit = np.log(prior) - np.log1p(-prior)
-        mask, logits = seed, None
+        mask, logits = seed_box, None
         for _ in range(cfg.iterations):
             ratio = self._ratio(mask, image, spacing)
             if ratio is None:
@@ -105,7 +114,9 @@ class AppearanceDecoder(Decoder):
                 break
         if logits is None:
             return fused_logits
-        return fused_logits.with_array(logits.astype(np.float32))
+        out = np.full(seed.shape, floor_logit, dtype=np.float32)
+        out[box] = logits
+        return fused_logits.with_array(out)
 
     def _ratio(self, mask: np.ndarray, image: np.ndarray, spacing: np.ndarray) -> np.ndarray | None:
         """Appearance log-likelihood ratio for ``mask``'s core vs band; None with too few samples."""
