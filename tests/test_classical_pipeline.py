@@ -1,11 +1,11 @@
 """The whole ``classical`` pipeline (the default configuration) on a phantom pair: one annotated
 CT of subject 0 (support) and the MR of subject 1 (query), through ``spasem run`` on NIfTI files.
 
-Measured on this machine (2 shared cores), with the defaults: liver Dice 0.86 (`make demo`; registration ~22 s
-of it); the floor below sits 0.15 under it. Priors on the query grid (measured before the MIND
+Measured on this machine (2 shared cores), with the defaults: liver Dice 0.87 (`make demo`; registration ~22 s
+of it); the floor below sits 0.17 under it. Priors on the query grid (measured before the MIND
 refinement of the registration): mean P_reg 0.88 inside the true liver / 0.009 outside, mean P_sim 0.84 / 0.008, mean
-entropy outside 0.99. (Spleen 0.83,
-left kidney 0.75, right kidney 0.71 with the same settings, `make demo`; the demo test covers the
+entropy outside 0.99. (Spleen 0.89,
+left kidney 0.79, right kidney 0.76 with the same settings, `make demo`; the demo test covers the
 spleen.)"""
 
 from __future__ import annotations
