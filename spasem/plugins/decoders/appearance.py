@@ -22,13 +22,13 @@ map as the atlas; docs/classical.md has its ablation.
 from __future__ import annotations
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 from scipy import ndimage
 
 from spasem.core.backends import Decoder, Features
 from spasem.core.volume import Volume
 from spasem.hookspecs import hookimpl
-from spasem.plugins.decoders.threshold import clean_mask
+from spasem.plugins.decoders.threshold import CleanupConfig, clean_mask
 
 #: fewer samples than this in the core or the band: the histograms are not trusted and the
 #: fused logits pass through unchanged
@@ -64,8 +64,7 @@ class AppearanceDecoder(Decoder):
     description = ("weight-free: fused mask as a soft prior x the query's intensity histograms (core vs "
                    "surrounding band); optional largest component / hole filling")
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    class Config(CleanupConfig):
         prior_sigma_mm: float = Field(6.0, gt=0, description="Gaussian sigma (mm) turning the fused mask into the spatial prior")
         prior_floor: float = Field(1e-4, gt=0, lt=0.5, description="the spatial prior is clamped to [floor, 1 - floor]")
         core_margin_mm: float = Field(3.0, ge=0, description="core = fused mask deeper than this (mm): the structure's intensity samples")
@@ -73,8 +72,6 @@ class AppearanceDecoder(Decoder):
         bins: int = Field(64, ge=4, le=4096, description="histogram bins over the samples' 0.5-99.5 percentile range")
         max_log_ratio: float = Field(4.0, gt=0, description="the log-likelihood ratio is clipped to +- this")
         iterations: int = Field(1, ge=1, le=10, description="re-estimate the histograms from the previous result this many times - 1")
-        largest_component: bool = Field(False, description="keep only the largest 26-connected component")
-        fill_holes: bool = Field(False, description="fill enclosed holes (3D)")
 
         @field_validator("band_mm")
         @classmethod

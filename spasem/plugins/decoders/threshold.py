@@ -12,16 +12,21 @@ from spasem.core.volume import Volume
 from spasem.hookspecs import hookimpl
 
 
+class CleanupConfig(BaseModel):
+    """Options of the final mask's clean-up (:func:`clean_mask`), shared by the weight-free decoders."""
+
+    model_config = ConfigDict(extra="forbid")
+    largest_component: bool = Field(False, description="keep only the largest 26-connected component")
+    fill_holes: bool = Field(False, description="fill enclosed holes (3D)")
+
+
 class ThresholdDecoder(Decoder):
     """Fused logits are the output; optional largest-component and hole-filling clean-up."""
 
     name = "threshold"
     description = "weight-free: fused logits > 0, optional largest component / hole filling"
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        largest_component: bool = Field(False, description="keep only the largest 26-connected component")
-        fill_holes: bool = Field(False, description="fill enclosed holes (3D)")
+    Config = CleanupConfig
 
     def decode(self, fused_logits: Volume, query_features: Features, query_image: Volume) -> Volume:
         return fused_logits
