@@ -1,4 +1,4 @@
-"""``threshold``: the weight-free decoder. The fused logits are the segmentation logits
+"""``threshold``: the simplest weight-free decoder. The fused logits are the segmentation logits
 (inside where > 0); optional clean-up of the final mask: largest connected component, hole filling."""
 
 from __future__ import annotations
