@@ -152,6 +152,38 @@ def test_mind_refinement_improves_on_the_whole_scan_registration(sitk_ct_to_mr):
     assert np.mean(list(after.values())) > np.mean(list(before.values())) + REFINE_GAIN, (before, after)
 
 
+def test_mind_refinement_leaves_the_query_outside_the_supports_field_of_view_alone():
+    """A support covering only the upper part of the query (a partial field of view): the
+    refinement moves query points that the whole-scan transform maps into the support's field of
+    view, and leaves every other query point where that transform put it (there is nothing to
+    match there)."""
+    query, _ = phantom_case(1, "ct")
+    support, _ = phantom_case(0, "mr")
+    top = support.shape[2] // 2  # the MR's k axis points superior: keep its upper half
+    partial = Volume(np.ascontiguousarray(support.array[:, :, top:]),
+                     support.grid.subgrid((0, 0, top), (*support.shape[:2], support.shape[2] - top)), modality="MR")
+    backend = SitkRegistration(SitkRegistration.Config(refine_options={"levels": [[2, 2]], "iterations": 3}))
+    fixed = prepare_for_registration(query, 3.0, backend.config.ct_window)
+    moving = prepare_for_registration(partial, 3.0, backend.config.ct_window)
+    # a translation between the two canonical grids: the covered part of the query is a box
+    translation = sitk.TranslationTransform(3, [float(v) for v in np.asarray(moving.image.TransformContinuousIndexToPhysicalPoint(
+        [s / 2 for s in moving.image.GetSize()])) - np.asarray(fixed.image.TransformContinuousIndexToPhysicalPoint(
+        [s / 2 for s in fixed.image.GetSize()]))])
+    refined = backend._refine(translation, fixed, moving)
+    size = np.asarray(moving.image.GetSize())
+    inside, outside = [], []
+    for index in np.ndindex(*[n // 3 for n in fixed.image.GetSize()]):
+        x = fixed.image.TransformIndexToPhysicalPoint([int(3 * i) for i in index])
+        mapped = np.asarray(translation.TransformPoint(x))
+        covered = np.all(np.abs(np.asarray(moving.image.TransformPhysicalPointToContinuousIndex(mapped.tolist())) - (size - 1) / 2)
+                         <= size / 2)
+        shift = np.linalg.norm(np.asarray(refined.TransformPoint(x)) - mapped)
+        (inside if covered else outside).append(shift)
+    assert len(inside) > 100 and len(outside) > 100
+    assert max(outside) < 1e-6
+    assert np.mean(np.asarray(inside) > 0.5) > 0.2  # the refinement did move the covered part
+
+
 @pytest.mark.slow
 def test_sitk_transform_maps_query_points_to_support_points(sitk_ct_to_mr):
     _, transform, _ = sitk_ct_to_mr

@@ -3,8 +3,9 @@
 After the whole-scan registration the support still sits a few millimetres to a couple of
 centimetres off the query, organ by organ (organs slide against each other; a 60 mm B-spline
 cannot follow). This refinement estimates a dense residual displacement ``u`` on the coarse
-query grid (3 mm voxels, cropped to the query's body) such that the support, already warped by the
-whole-scan transform ``T``, matches the query at ``x + u(x)``:
+query grid (3 mm voxels, cropped to the query's body inside the support's field of view) such
+that the support, already warped by the whole-scan transform ``T``, matches the query at
+``x + u(x)``:
 
 1. MIND-SSC descriptors of both images (:func:`spasem.plugins.encoders.mind.mind_ssc`, at the
    neighbour distances ``dilations``): modality independent, so CT and MR compare by squared

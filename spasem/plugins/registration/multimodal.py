@@ -26,8 +26,9 @@ read back as SimpleITK transforms, so the result is again a :class:`SitkTransfor
 Both then refine the whole-scan transform with a dense residual displacement found by MIND-SSC
 matching (``refine="mind"``, :mod:`spasem.plugins.registration.mindrefine`): organs move
 independently of each other by millimetres to centimetres, which neither a 60 mm B-spline nor
-a whole-scan SyN at 3 mm follows. The refined transform is again a displacement field on the
-coarse query grid.
+a whole-scan SyN at 3 mm follows. The residual is estimated only inside the query's body where
+the support's field of view reaches (zero elsewhere: nothing to match). The refined transform is
+again a displacement field on the coarse query grid.
 
 Both memoise the last results per (support, query) content, so segmenting several organs of one
 pair registers once.
@@ -227,11 +228,19 @@ class _MultimodalRegistration(RegistrationBackend):
         raise NotImplementedError
 
     def _refine(self, transform: sitk.Transform, fixed: PreparedImage, moving: PreparedImage) -> sitk.Transform:
-        """``transform(x + u(x))`` with ``u`` the MIND refinement's residual field on the coarse query grid."""
+        """``transform(x + u(x))`` with ``u`` the MIND refinement's residual field on the coarse query grid.
+
+        ``u`` is estimated where both scans have data: the query's body (dilated) inside the
+        support's field of view as ``transform`` maps it. Elsewhere there is nothing to match
+        (a partial field of view, a whole-body query) and ``u`` stays zero; on a large query this
+        also bounds the work by the support's field of view."""
         warped = sitk.Resample(moving.image, fixed.image, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         body = sitk.GetArrayFromImage(sitk.BinaryDilate(fixed.body, [2, 2, 2])) > 0
-        residual = refine_displacement(sitk.GetArrayFromImage(fixed.image), sitk.GetArrayFromImage(warped), body,
-                                       self.config.refine_options)
+        support_fov = sitk.Image(moving.image.GetSize(), sitk.sitkUInt8) + 1
+        support_fov.CopyInformation(moving.image)
+        covered = sitk.Resample(support_fov, fixed.image, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        residual = refine_displacement(sitk.GetArrayFromImage(fixed.image), sitk.GetArrayFromImage(warped),
+                                       body & (sitk.GetArrayFromImage(covered) > 0), self.config.refine_options)
         return as_displacement_field(
             sitk.CompositeTransform([transform, displacement_transform(residual, fixed.image)]), fixed.image)
 
