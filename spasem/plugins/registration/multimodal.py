@@ -14,7 +14,8 @@ Preparation (:func:`prepare_for_registration`), shared by both backends:
    initialisation and to restrict the metric to the query's body.
 
 ``sitk``: body-centroid initialisation, an exhaustive search of the cranio-caudal
-translation (partial fields of view make centroids unreliable along z), affine with Mattes mutual
+translation (partial fields of view make centroids unreliable along z: the range grows with the
+difference of the two bodies' heights, and only shifts that keep them overlapping compete), affine with Mattes mutual
 information (multi-resolution), then a cubic B-spline (control points every
 ``bspline_spacing_mm``) with Mattes MI and L-BFGS, multi-resolution. The result,
 ``affine(bspline(x))``, is sampled as a displacement field on the coarse query grid (fast to apply).
@@ -142,6 +143,16 @@ def _body_centroid(prepared: PreparedImage) -> np.ndarray:
         size = np.asarray(prepared.image.GetSize(), dtype=np.float64)
         return np.asarray(prepared.image.TransformContinuousIndexToPhysicalPoint(list((size - 1) / 2)))
     return np.asarray(stats.GetCentroid(1))
+
+
+def _body_z_range(prepared: PreparedImage) -> tuple[float, float]:
+    """Lowest and highest LPS z (mm, voxel edges) of the body mask (the whole field of view if it
+    is empty); the prepared grid is canonical RAS, so its third index axis is +z."""
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(prepared.body)
+    first, count = (stats.GetBoundingBox(1)[2], stats.GetBoundingBox(1)[5]) if stats.HasLabel(1) else (0, prepared.image.GetSize()[2])
+    spacing, origin = prepared.image.GetSpacing()[2], prepared.image.GetOrigin()[2]
+    return origin + (first - 0.5) * spacing, origin + (first + count - 0.5) * spacing
 
 
 class _Memo:
@@ -313,6 +324,12 @@ class SitkRegistration(_MultimodalRegistration):
 
     class Config(_FocusConfig):
         z_search_mm: float = Field(40.0, ge=0, description="exhaustive cranio-caudal translation search range (+- mm); 0 = off")
+        z_search_fov: bool = Field(
+            True, description="widen the z search by half the difference of the two bodies' cranio-caudal extents "
+            "(a partial field of view moves the body centroid by up to that)")
+        z_search_min_overlap: float = Field(
+            0.6, ge=0, le=1, description="least cranio-caudal overlap of the two bodies, as a fraction of the shorter "
+            "one, for a shift of the z search to compete")
         z_search_step_mm: float = Field(5.0, gt=0, description="step of the z search (mm)")
         sampling_fraction: float = Field(0.2, gt=0, le=1, description="fraction of query-body voxels sampled by the metric")
         affine_iterations: int = Field(100, ge=0, description="iterations per level of the affine stage (0 = skip)")
@@ -373,22 +390,46 @@ class SitkRegistration(_MultimodalRegistration):
 
     def _z_search(self, fixed: PreparedImage, moving: PreparedImage, mask: sitk.Image,
                   initial: sitk.AffineTransform) -> sitk.AffineTransform:
-        """Best cranio-caudal shift of ``initial`` by Mattes MI at twice the registration spacing."""
+        """Best cranio-caudal shift of ``initial`` (a translation) by Mattes MI.
+
+        Shifts within ``+-z_search_mm``, widened by half the difference of the two bodies'
+        cranio-caudal extents (``z_search_fov``: a partial field of view moves the body centroid
+        by up to that), are scored on every voxel of ``mask`` (the dilated query body), both images
+        smoothed and subsampled to twice the registration spacing. Only shifts where the two
+        bodies overlap along z by at least ``z_search_min_overlap`` of the shorter one compete:
+        MI rewards sliding a short scan out of the other's field of view."""
         cfg = self.config
-        steps = int(math.floor(cfg.z_search_mm / cfg.z_search_step_mm))
-        translation = sitk.TranslationTransform(3)
-        method = self._method(mask)
-        method.SetMovingInitialTransform(initial)
-        method.SetInitialTransform(translation, inPlace=True)
-        method.SetOptimizerAsExhaustive([0, 0, steps], stepLength=cfg.z_search_step_mm)
-        method.SetOptimizerScales([1.0, 1.0, 1.0])
-        method.SetShrinkFactorsPerLevel([2])
-        method.SetSmoothingSigmasPerLevel([cfg.spacing_mm])
-        method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-        self._execute(method, fixed.image, moving.image, "z search")
+        fixed_lo, fixed_hi = _body_z_range(fixed)
+        moving_lo, moving_hi = _body_z_range(moving)
+        shorter = max(min(fixed_hi - fixed_lo, moving_hi - moving_lo), 1e-6)
+        search_mm = cfg.z_search_mm
+        if cfg.z_search_fov:
+            search_mm += abs((fixed_hi - fixed_lo) - (moving_hi - moving_lo)) / 2.0
+        steps = int(math.floor(search_mm / cfg.z_search_step_mm))
+        fixed_image = sitk.Shrink(sitk.SmoothingRecursiveGaussian(fixed.image, cfg.spacing_mm), [2, 2, 2])
+        moving_image = sitk.Shrink(sitk.SmoothingRecursiveGaussian(moving.image, cfg.spacing_mm), [2, 2, 2])
+        method = self._method(sitk.Shrink(mask, [2, 2, 2]))
+        method.SetMetricSamplingStrategy(method.NONE)
+        translation = np.asarray(initial.GetTranslation(), dtype=np.float64)
+        scored: list[tuple[float, float, float]] = []  # (overlap, metric, shift)
+        for n in range(-steps, steps + 1):
+            shift = n * cfg.z_search_step_mm
+            lo, hi = fixed_lo + translation[2] + shift, fixed_hi + translation[2] + shift  # the query body, in the support
+            overlap = max(0.0, min(hi, moving_hi) - max(lo, moving_lo)) / shorter
+            candidate = sitk.AffineTransform(initial)
+            candidate.SetTranslation([float(translation[0]), float(translation[1]), float(translation[2] + shift)])
+            method.SetInitialTransform(candidate)
+            try:
+                value = method.MetricEvaluate(fixed_image, moving_image)
+            except RuntimeError:  # too few samples inside the support's field of view
+                continue
+            scored.append((overlap, value, shift))
+        if not scored:
+            return sitk.AffineTransform(initial)
+        wanted = min(cfg.z_search_min_overlap, max(o for o, _, _ in scored))
+        best_shift = min((value, abs(z), z) for overlap, value, z in scored if overlap >= wanted)[2]
         best = sitk.AffineTransform(initial)
-        offset = np.asarray(initial.GetTranslation()) + np.asarray(translation.GetOffset())
-        best.SetTranslation([float(v) for v in offset])
+        best.SetTranslation([float(translation[0]), float(translation[1]), float(translation[2] + best_shift)])
         return best
 
 
