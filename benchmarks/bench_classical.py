@@ -10,9 +10,12 @@ per query (one organ, all stages, the four fusions included).
 paper's P_sim and entropy: every ``priors`` option off) to show what the query-adaptive options
 bring.
 
+``--cut-query KEEP`` cuts each query along its slice axis so that only the upper KEEP fraction of
+the organ (and everything above it) remains: a partial field of view, as an upper-abdominal MR.
+
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_classical.py --pairs 4 [--ablation] [--data /tmp/spasem-phantoms]
+    PYTHONPATH=. python benchmarks/bench_classical.py --pairs 4 [--ablation] [--cut-query 0.5] [--data /tmp/spasem-phantoms]
         [--set priors.semantic_reach_mm=10 ...]   (any configuration field, as ``spasem run --set``)
 """
 
@@ -56,7 +59,20 @@ def load_pair(manifest, cases: dict, k: int, support_mod: str, query_mod: str):
             load(manifest.image_path(q_case), modality=q_case.modality), load(manifest.label_path(q_case), is_label=True))
 
 
-def run(config_layers: list[dict], name: str, manifest, pairs: int, organs: list[str]) -> dict:
+def cut_above(query, query_label, label: int, keep: float):
+    """A partial field of view: ``query`` and its labels cut along the slice axis (phantom k points
+    superior) so that only the upper ``keep`` fraction of the organ ``label`` (and everything above
+    it) remains."""
+    from spasem.core.volume import Volume
+
+    k = np.nonzero((np.asarray(query_label.array) == label).any(axis=(0, 1)))[0]
+    cut = int(round(k.max() - keep * (k.max() - k.min())))
+    grid = query.grid.subgrid((0, 0, cut), (*query.shape[:2], query.shape[2] - cut))
+    return (Volume(np.ascontiguousarray(query.array[:, :, cut:]), grid, name=query.name, modality=query.modality),
+            Volume(np.ascontiguousarray(query_label.array[:, :, cut:]), grid, is_label=True, name=query_label.name))
+
+
+def run(config_layers: list[dict], name: str, manifest, pairs: int, organs: list[str], keep: float | None = None) -> dict:
     from spasem.core.config import build_config
     from spasem.core.metrics import dice
     from spasem.core.pipeline import Engine, Support
@@ -72,12 +88,13 @@ def run(config_layers: list[dict], name: str, manifest, pairs: int, organs: list
             for organ in organs:
                 label = manifest.label_names[organ]
                 engine.config = build_config(*config_layers, {"label": label})
+                organ_query, organ_truth = (query, query_label) if keep is None else cut_above(query, query_label, label, keep)
                 t = time.perf_counter()
-                results = engine.run_fusions([Support(support, support_label)], query, FUSIONS)
+                results = engine.run_fusions([Support(support, support_label)], organ_query, FUSIONS)
                 seconds.setdefault(direction, []).append(time.perf_counter() - t)
                 line = []
                 for fusion, result in results.items():
-                    d = dice(result.mask.array, query_label.array == label)
+                    d = dice(result.mask.array, organ_truth.array == label)
                     scores.setdefault((direction, fusion, organ), []).append(d)
                     line.append(f"{fusion} {d:.3f}")
                 print(f"  [{name}] {direction} s{k} -> s{k + 1} {organ:<13} " + "  ".join(line)
@@ -113,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ablation", action="store_true", help="also run the paper's priors with the same backends")
     parser.add_argument("--json", type=Path, default=None, help="write all Dice values here")
+    parser.add_argument("--cut-query", type=float, default=None, metavar="KEEP",
+                        help="partial fields of view: cut each query so that only the upper KEEP fraction (0-1) of the "
+                        "organ remains (one registration per organ); Dice within the cut field of view")
     parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                         help="configuration field over the classical preset, as `spasem run --set` (repeatable)")
     args = parser.parse_args(argv)
@@ -120,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     from spasem.cli.options import parse_set_options
     from spasem.core.config import CLASSICAL, PAPER_PRIORS
 
+    if args.cut_query is not None and not 0 < args.cut_query <= 1:
+        parser.error(f"--cut-query {args.cut_query}: expected a fraction in (0, 1]")
     organs = [o.strip() for o in args.organs.split(",") if o.strip()]
     manifest = ensure_cohort(args.data, args.pairs + 1, args.seed)
     overrides = parse_set_options(args.assignments)
@@ -127,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.ablation:
         runs["paper priors, same backends"] = [CLASSICAL, overrides, {"priors": PAPER_PRIORS}]
     t0 = time.perf_counter()
-    outputs = {name: run(layers, name, manifest, args.pairs, organs) for name, layers in runs.items()}
+    if args.cut_query is not None:
+        runs = {f"{name}, queries cut to the upper {args.cut_query:g} of the organ": layers for name, layers in runs.items()}
+    outputs = {name: run(layers, name, manifest, args.pairs, organs, args.cut_query) for name, layers in runs.items()}
     for name, out in outputs.items():
         print(table(name, out, organs))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

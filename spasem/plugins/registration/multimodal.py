@@ -145,6 +145,16 @@ def _body_centroid(prepared: PreparedImage) -> np.ndarray:
     return np.asarray(stats.GetCentroid(1))
 
 
+#: value of the support outside its field of view in the z search (prepared images are in [0, 1])
+OUTSIDE_FOV = -0.25
+
+
+def _corners(image: sitk.Image) -> list[list[float]]:
+    """Continuous indices of the 8 outer corners (voxel edges) of ``image``."""
+    size = image.GetSize()
+    return [[-0.5 + c * n for c, n in zip(choice, size)] for choice in np.ndindex(2, 2, 2)]
+
+
 def _body_z_range(prepared: PreparedImage) -> tuple[float, float]:
     """Lowest and highest LPS z (mm, voxel edges) of the body mask (the whole field of view if it
     is empty); the prepared grid is canonical RAS, so its third index axis is +z."""
@@ -331,6 +341,7 @@ class SitkRegistration(_MultimodalRegistration):
             0.6, ge=0, le=1, description="least cranio-caudal overlap of the two bodies, as a fraction of the shorter "
             "one, for a shift of the z search to compete")
         z_search_step_mm: float = Field(5.0, gt=0, description="step of the z search (mm)")
+        z_search_shrink: int = Field(1, ge=1, le=4, description="the z search scores at spacing_mm * z_search_shrink")
         sampling_fraction: float = Field(0.2, gt=0, le=1, description="fraction of query-body voxels sampled by the metric")
         affine_iterations: int = Field(100, ge=0, description="iterations per level of the affine stage (0 = skip)")
         affine_optimizer: Literal["rsgd", "gd"] = Field("rsgd", description="regular-step or plain gradient descent (learning rate estimated)")
@@ -395,9 +406,10 @@ class SitkRegistration(_MultimodalRegistration):
         Shifts within ``+-z_search_mm``, widened by half the difference of the two bodies'
         cranio-caudal extents (``z_search_fov``: a partial field of view moves the body centroid
         by up to that), are scored on every voxel of ``mask`` (the dilated query body), both images
-        smoothed and subsampled to twice the registration spacing. Only shifts where the two
-        bodies overlap along z by at least ``z_search_min_overlap`` of the shorter one compete:
-        MI rewards sliding a short scan out of the other's field of view."""
+        smoothed (Gaussian, sigma ``spacing_mm``) and subsampled by ``z_search_shrink``, the
+        support padded with :data:`OUTSIDE_FOV` (MI computed only where the support has data
+        rewards sliding a short scan out of the other's field of view). Only shifts where the two
+        bodies overlap along z by at least ``z_search_min_overlap`` of the shorter one compete."""
         cfg = self.config
         fixed_lo, fixed_hi = _body_z_range(fixed)
         moving_lo, moving_hi = _body_z_range(moving)
@@ -406,11 +418,22 @@ class SitkRegistration(_MultimodalRegistration):
         if cfg.z_search_fov:
             search_mm += abs((fixed_hi - fixed_lo) - (moving_hi - moving_lo)) / 2.0
         steps = int(math.floor(search_mm / cfg.z_search_step_mm))
-        fixed_image = sitk.Shrink(sitk.SmoothingRecursiveGaussian(fixed.image, cfg.spacing_mm), [2, 2, 2])
-        moving_image = sitk.Shrink(sitk.SmoothingRecursiveGaussian(moving.image, cfg.spacing_mm), [2, 2, 2])
-        method = self._method(sitk.Shrink(mask, [2, 2, 2]))
-        method.SetMetricSamplingStrategy(method.NONE)
+        shrink = [cfg.z_search_shrink] * 3
+        fixed_image = sitk.Shrink(sitk.SmoothingRecursiveGaussian(fixed.image, cfg.spacing_mm), shrink)
+        moving_image = sitk.Shrink(sitk.SmoothingRecursiveGaussian(moving.image, cfg.spacing_mm), shrink)
+        # every query-body voxel is scored at every shift: outside its field of view the support
+        # reads OUTSIDE_FOV (its own histogram bins, below air), so a shift that slides the query
+        # out of the support is charged for it rather than scored on fewer, easier voxels
         translation = np.asarray(initial.GetTranslation(), dtype=np.float64)
+        reached = [np.asarray(moving_image.TransformPhysicalPointToContinuousIndex(
+            [float(v) for v in np.asarray(fixed.image.TransformContinuousIndexToPhysicalPoint(corner)) + translation + [0, 0, z]]))
+            for corner in _corners(fixed.image) for z in (-search_mm, search_mm)]
+        size = np.asarray(moving_image.GetSize())
+        lower = [int(v) for v in np.maximum(0, np.ceil(-np.min(reached, axis=0))) + 1]
+        upper = [int(v) for v in np.maximum(0, np.ceil(np.max(reached, axis=0) - (size - 1))) + 1]
+        moving_image = sitk.ConstantPad(moving_image, lower, upper, OUTSIDE_FOV)
+        method = self._method(sitk.Shrink(mask, shrink))
+        method.SetMetricSamplingStrategy(method.NONE)
         scored: list[tuple[float, float, float]] = []  # (overlap, metric, shift)
         for n in range(-steps, steps + 1):
             shift = n * cfg.z_search_step_mm
