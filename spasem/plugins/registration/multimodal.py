@@ -341,7 +341,7 @@ class SitkRegistration(_MultimodalRegistration):
             0.6, ge=0, le=1, description="least cranio-caudal overlap of the two bodies, as a fraction of the shorter "
             "one, for a shift of the z search to compete")
         z_search_step_mm: float = Field(5.0, gt=0, description="step of the z search (mm)")
-        z_search_shrink: int = Field(1, ge=1, le=4, description="the z search scores at spacing_mm * z_search_shrink")
+        z_search_shrink: int = Field(2, ge=1, le=4, description="the z search scores at spacing_mm * z_search_shrink")
         sampling_fraction: float = Field(0.2, gt=0, le=1, description="fraction of query-body voxels sampled by the metric")
         affine_iterations: int = Field(100, ge=0, description="iterations per level of the affine stage (0 = skip)")
         affine_optimizer: Literal["rsgd", "gd"] = Field("rsgd", description="regular-step or plain gradient descent (learning rate estimated)")
