@@ -149,10 +149,18 @@ def _body_centroid(prepared: PreparedImage) -> np.ndarray:
 OUTSIDE_FOV = -0.25
 
 
-def _corners(image: sitk.Image) -> list[list[float]]:
-    """Continuous indices of the 8 outer corners (voxel edges) of ``image``."""
-    size = image.GetSize()
-    return [[-0.5 + c * n for c, n in zip(choice, size)] for choice in np.ndindex(2, 2, 2)]
+def mutual_information(fixed: np.ndarray, moving: np.ndarray, bins: int) -> float:
+    """Mutual information (nats) of paired samples: ``fixed`` in [0, 1] in ``bins`` bins, ``moving``
+    in [0, 1] in ``bins`` bins plus one bin for values below ``OUTSIDE_FOV / 2`` (outside the
+    support's field of view). Both 1-D, the same length."""
+    f = np.clip((np.asarray(fixed) * bins).astype(np.int64), 0, bins - 1)
+    m = np.asarray(moving)
+    m = np.where(m < OUTSIDE_FOV / 2, bins, np.clip((m * bins).astype(np.int64), 0, bins - 1))
+    joint = np.bincount(f * (bins + 1) + m, minlength=bins * (bins + 1)).reshape(bins, bins + 1).astype(np.float64)
+    joint /= max(joint.sum(), 1.0)
+    pf, pm = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
+    nz = joint > 0
+    return float((joint[nz] * np.log(joint[nz] / (pf @ pm)[nz])).sum())
 
 
 def _body_z_range(prepared: PreparedImage) -> tuple[float, float]:
@@ -341,7 +349,7 @@ class SitkRegistration(_MultimodalRegistration):
             0.6, ge=0, le=1, description="least cranio-caudal overlap of the two bodies, as a fraction of the shorter "
             "one, for a shift of the z search to compete")
         z_search_step_mm: float = Field(5.0, gt=0, description="step of the z search (mm)")
-        z_search_shrink: int = Field(2, ge=1, le=4, description="the z search scores at spacing_mm * z_search_shrink")
+        z_search_shrink: int = Field(1, ge=1, le=4, description="the z search scores at spacing_mm * z_search_shrink")
         sampling_fraction: float = Field(0.2, gt=0, le=1, description="fraction of query-body voxels sampled by the metric")
         affine_iterations: int = Field(100, ge=0, description="iterations per level of the affine stage (0 = skip)")
         affine_optimizer: Literal["rsgd", "gd"] = Field("rsgd", description="regular-step or plain gradient descent (learning rate estimated)")
@@ -401,15 +409,16 @@ class SitkRegistration(_MultimodalRegistration):
 
     def _z_search(self, fixed: PreparedImage, moving: PreparedImage, mask: sitk.Image,
                   initial: sitk.AffineTransform) -> sitk.AffineTransform:
-        """Best cranio-caudal shift of ``initial`` (a translation) by Mattes MI.
+        """Best cranio-caudal shift of ``initial`` (a translation) by mutual information.
 
         Shifts within ``+-z_search_mm``, widened by half the difference of the two bodies'
         cranio-caudal extents (``z_search_fov``: a partial field of view moves the body centroid
-        by up to that), are scored on every voxel of ``mask`` (the dilated query body), both images
-        smoothed (Gaussian, sigma ``spacing_mm``) and subsampled by ``z_search_shrink``, the
-        support padded with :data:`OUTSIDE_FOV` (MI computed only where the support has data
-        rewards sliding a short scan out of the other's field of view). Only shifts where the two
-        bodies overlap along z by at least ``z_search_min_overlap`` of the shorter one compete."""
+        by up to that), are scored by :func:`mutual_information` on every voxel of ``mask`` (the
+        dilated query body), both images smoothed (Gaussian, sigma ``spacing_mm``), the query
+        subsampled by ``z_search_shrink``. Outside its field of view the support reads
+        :data:`OUTSIDE_FOV` (MI computed only where the support has data rewards sliding a short
+        scan out of the other's field of view). Only shifts where the two bodies overlap along z
+        by at least ``z_search_min_overlap`` of the shorter one compete."""
         cfg = self.config
         fixed_lo, fixed_hi = _body_z_range(fixed)
         moving_lo, moving_hi = _body_z_range(moving)
@@ -420,37 +429,24 @@ class SitkRegistration(_MultimodalRegistration):
         steps = int(math.floor(search_mm / cfg.z_search_step_mm))
         shrink = [cfg.z_search_shrink] * 3
         fixed_image = sitk.Shrink(sitk.SmoothingRecursiveGaussian(fixed.image, cfg.spacing_mm), shrink)
-        moving_image = sitk.Shrink(sitk.SmoothingRecursiveGaussian(moving.image, cfg.spacing_mm), shrink)
-        # every query-body voxel is scored at every shift: outside its field of view the support
-        # reads OUTSIDE_FOV (its own histogram bins, below air), so a shift that slides the query
-        # out of the support is charged for it rather than scored on fewer, easier voxels
+        moving_image = sitk.SmoothingRecursiveGaussian(moving.image, cfg.spacing_mm)
+        inside = sitk.GetArrayViewFromImage(sitk.Shrink(mask, shrink)) > 0
+        fixed_values = sitk.GetArrayViewFromImage(fixed_image)[inside]
         translation = np.asarray(initial.GetTranslation(), dtype=np.float64)
-        reached = [np.asarray(moving_image.TransformPhysicalPointToContinuousIndex(
-            [float(v) for v in np.asarray(fixed.image.TransformContinuousIndexToPhysicalPoint(corner)) + translation + [0, 0, z]]))
-            for corner in _corners(fixed.image) for z in (-search_mm, search_mm)]
-        size = np.asarray(moving_image.GetSize())
-        lower = [int(v) for v in np.maximum(0, np.ceil(-np.min(reached, axis=0))) + 1]
-        upper = [int(v) for v in np.maximum(0, np.ceil(np.max(reached, axis=0) - (size - 1))) + 1]
-        moving_image = sitk.ConstantPad(moving_image, lower, upper, OUTSIDE_FOV)
-        method = self._method(sitk.Shrink(mask, shrink))
-        method.SetMetricSamplingStrategy(method.NONE)
-        scored: list[tuple[float, float, float]] = []  # (overlap, metric, shift)
+        scored: list[tuple[float, float, float]] = []  # (overlap, mutual information, shift)
         for n in range(-steps, steps + 1):
             shift = n * cfg.z_search_step_mm
             lo, hi = fixed_lo + translation[2] + shift, fixed_hi + translation[2] + shift  # the query body, in the support
             overlap = max(0.0, min(hi, moving_hi) - max(lo, moving_lo)) / shorter
-            candidate = sitk.AffineTransform(initial)
-            candidate.SetTranslation([float(translation[0]), float(translation[1]), float(translation[2] + shift)])
-            method.SetInitialTransform(candidate)
-            try:
-                value = method.MetricEvaluate(fixed_image, moving_image)
-            except RuntimeError:  # too few samples inside the support's field of view
-                continue
-            scored.append((overlap, value, shift))
-        if not scored:
-            return sitk.AffineTransform(initial)
+            # every query-body voxel counts at every shift: outside its field of view the support
+            # reads OUTSIDE_FOV (a histogram bin of its own), so a shift that slides the query out
+            # of the support is charged for it rather than scored on fewer, easier voxels
+            candidate = sitk.TranslationTransform(3, [float(translation[0]), float(translation[1]), float(translation[2] + shift)])
+            warped = sitk.Resample(moving_image, fixed_image, candidate, sitk.sitkLinear, OUTSIDE_FOV, sitk.sitkFloat32)
+            scored.append((overlap, mutual_information(fixed_values, sitk.GetArrayViewFromImage(warped)[inside],
+                                                       cfg.histogram_bins), shift))
         wanted = min(cfg.z_search_min_overlap, max(o for o, _, _ in scored))
-        best_shift = min((value, abs(z), z) for overlap, value, z in scored if overlap >= wanted)[2]
+        best_shift = min((-value, abs(z), z) for overlap, value, z in scored if overlap >= wanted)[2]
         best = sitk.AffineTransform(initial)
         best.SetTranslation([float(translation[0]), float(translation[1]), float(translation[2] + best_shift)])
         return best
