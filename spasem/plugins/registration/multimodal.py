@@ -15,9 +15,9 @@ Preparation (:func:`prepare_for_registration`), shared by both backends:
 
 ``sitk``: body-centroid initialisation, an exhaustive search of the cranio-caudal
 translation (partial fields of view make centroids unreliable along z: the range grows with the
-difference of the two bodies' heights, and only shifts that keep them overlapping compete), affine with Mattes mutual
-information (multi-resolution), then a cubic B-spline (control points every
-``bspline_spacing_mm``) with Mattes MI and L-BFGS, multi-resolution. The result,
+difference of the two bodies' heights, and only shifts that keep them overlapping compete),
+affine with Mattes mutual information (multi-resolution), then a cubic B-spline (control
+points every ``bspline_spacing_mm``) with Mattes MI and L-BFGS, multi-resolution. The result,
 ``affine(bspline(x))``, is sampled as a displacement field on the coarse query grid (fast to apply).
 
 ``ants``: ``antsRegistration`` through ANTsPy (``SyN``/``SyNRA``/``antsRegistrationSyNQuick[s]``,
@@ -168,7 +168,11 @@ def _body_z_range(prepared: PreparedImage) -> tuple[float, float]:
     is empty); the prepared grid is canonical RAS, so its third index axis is +z."""
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(prepared.body)
-    first, count = (stats.GetBoundingBox(1)[2], stats.GetBoundingBox(1)[5]) if stats.HasLabel(1) else (0, prepared.image.GetSize()[2])
+    if stats.HasLabel(1):
+        box = stats.GetBoundingBox(1)  # (x, y, z starts, then x, y, z sizes)
+        first, count = box[2], box[5]
+    else:
+        first, count = 0, prepared.image.GetSize()[2]
     spacing, origin = prepared.image.GetSpacing()[2], prepared.image.GetOrigin()[2]
     return origin + (first - 0.5) * spacing, origin + (first + count - 0.5) * spacing
 
@@ -433,20 +437,23 @@ class SitkRegistration(_MultimodalRegistration):
         inside = sitk.GetArrayViewFromImage(sitk.Shrink(mask, shrink)) > 0
         fixed_values = sitk.GetArrayViewFromImage(fixed_image)[inside]
         translation = np.asarray(initial.GetTranslation(), dtype=np.float64)
-        scored: list[tuple[float, float, float]] = []  # (overlap, mutual information, shift)
-        for n in range(-steps, steps + 1):
-            shift = n * cfg.z_search_step_mm
-            lo, hi = fixed_lo + translation[2] + shift, fixed_hi + translation[2] + shift  # the query body, in the support
-            overlap = max(0.0, min(hi, moving_hi) - max(lo, moving_lo)) / shorter
+        shifts = [n * cfg.z_search_step_mm for n in range(-steps, steps + 1)]
+        # overlap of the query body, shifted into the support, with the support's body
+        overlaps = [max(0.0, min(fixed_hi + translation[2] + z, moving_hi) - max(fixed_lo + translation[2] + z, moving_lo))
+                    / shorter for z in shifts]
+        wanted = min(cfg.z_search_min_overlap, max(overlaps))
+        scored: list[tuple[float, float, float]] = []  # (-mutual information, |shift|, shift)
+        for shift, overlap in zip(shifts, overlaps):
+            if overlap < wanted:
+                continue
             # every query-body voxel counts at every shift: outside its field of view the support
             # reads OUTSIDE_FOV (a histogram bin of its own), so a shift that slides the query out
             # of the support is charged for it rather than scored on fewer, easier voxels
             candidate = sitk.TranslationTransform(3, [float(translation[0]), float(translation[1]), float(translation[2] + shift)])
             warped = sitk.Resample(moving_image, fixed_image, candidate, sitk.sitkLinear, OUTSIDE_FOV, sitk.sitkFloat32)
-            scored.append((overlap, mutual_information(fixed_values, sitk.GetArrayViewFromImage(warped)[inside],
-                                                       cfg.histogram_bins), shift))
-        wanted = min(cfg.z_search_min_overlap, max(o for o, _, _ in scored))
-        best_shift = min((-value, abs(z), z) for overlap, value, z in scored if overlap >= wanted)[2]
+            value = mutual_information(fixed_values, sitk.GetArrayViewFromImage(warped)[inside], cfg.histogram_bins)
+            scored.append((-value, abs(shift), shift))
+        best_shift = min(scored)[2]
         best = sitk.AffineTransform(initial)
         best.SetTranslation([float(translation[0]), float(translation[1]), float(translation[2] + best_shift)])
         return best
