@@ -13,9 +13,13 @@ bring.
 ``--cut-query KEEP`` cuts each query along its slice axis so that only the upper KEEP fraction of
 the organ (and everything above it) remains: a partial field of view, as an upper-abdominal MR.
 
+``--variability V`` uses phantoms whose organs differ V times as much between subjects
+(:func:`spasem.data.phantoms.make_anatomy`): 2-3 brings registration alone down towards what it
+reaches between real patients, where the other stages have to earn their place.
+
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_classical.py --pairs 4 [--ablation] [--cut-query 0.5] [--data /tmp/spasem-phantoms]
+    PYTHONPATH=. python benchmarks/bench_classical.py --pairs 4 [--ablation] [--cut-query 0.5] [--variability 2.5]
         [--set priors.semantic_reach_mm=10 ...]   (any configuration field, as ``spasem run --set``)
 """
 
@@ -33,18 +37,28 @@ import numpy as np
 FUSIONS = ("spatial_only", "semantic_only", "mean", "entropy_gate")
 
 
-def ensure_cohort(data: Path, subjects: int, seed: int) -> "object":
+def cohort_folder(args) -> Path:
+    """``args.data``, or ``/tmp/spasem-<cohort name>`` (one folder per seed and variability)."""
+    from spasem.data.phantoms import cohort_name
+
+    return args.data if args.data is not None else Path("/tmp") / f"spasem-{cohort_name(args.seed, args.variability)}"
+
+
+def ensure_cohort(data: Path, subjects: int, seed: int, variability: float = 1.0) -> "object":
+    """The phantom cohort in ``data``; (re)generated unless it has these subjects and was made
+    with this seed and variability (the manifest's dataset name)."""
     from spasem.data.manifest import read_manifest
-    from spasem.data.phantoms import write_cohort
+    from spasem.data.phantoms import cohort_name, write_cohort
 
     manifest_path = data / "manifest.json"
     if manifest_path.is_file():
         manifest = read_manifest(manifest_path)
         have = {c.id for c in manifest.cases}
-        if all(f"s{s:03d}_{m}" in have for s in range(subjects) for m in ("ct", "mr")):
+        if manifest.dataset == cohort_name(seed, variability) and all(
+                f"s{s:03d}_{m}" in have for s in range(subjects) for m in ("ct", "mr")):
             return manifest
     t = time.perf_counter()
-    write_cohort(data, subjects, ("ct", "mr"), seed)
+    write_cohort(data, subjects, ("ct", "mr"), seed, variability=variability)
     print(f"generated {subjects} subjects x 2 modalities in {time.perf_counter() - t:.0f} s -> {data}", flush=True)
     return read_manifest(manifest_path)
 
@@ -126,8 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=4, help="subject pairs (k, k+1) [4]")
     parser.add_argument("--organs", default="liver,spleen,left_kidney,right_kidney")
-    parser.add_argument("--data", type=Path, default=Path("/tmp/spasem-phantoms"), help="phantom cohort folder (created)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="phantom cohort folder (created) [/tmp/spasem-phantoms, with -seedS / -varV when not default]")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variability", type=float, default=1.0,
+                        help="phantom organ spread between subjects (`spasem phantoms --variability`) [1]")
     parser.add_argument("--ablation", action="store_true", help="also run the paper's priors with the same backends")
     parser.add_argument("--json", type=Path, default=None, help="write all Dice values here")
     parser.add_argument("--cut-query", type=float, default=None, metavar="KEEP",
@@ -143,12 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.cut_query is not None and not 0 < args.cut_query <= 1:
         parser.error(f"--cut-query {args.cut_query}: expected a fraction in (0, 1]")
     organs = [o.strip() for o in args.organs.split(",") if o.strip()]
-    manifest = ensure_cohort(args.data, args.pairs + 1, args.seed)
+    manifest = ensure_cohort(cohort_folder(args), args.pairs + 1, args.seed, args.variability)
     overrides = parse_set_options(args.assignments)
     runs = {"classical (default)" if not overrides else f"classical + {' '.join(args.assignments)}": [CLASSICAL, overrides]}
     if args.ablation:
         runs["paper priors, same backends"] = [CLASSICAL, overrides, {"priors": PAPER_PRIORS}]
     t0 = time.perf_counter()
+    if args.variability != 1.0:
+        runs = {f"{name}, phantom variability {args.variability:g}": layers for name, layers in runs.items()}
     if args.cut_query is not None:
         runs = {f"{name}, queries cut to the upper {args.cut_query:g} of the organ": layers for name, layers in runs.items()}
     outputs = {name: run(layers, name, manifest, args.pairs, organs, args.cut_query) for name, layers in runs.items()}

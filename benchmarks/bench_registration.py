@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_classical import ensure_cohort, load_pair  # noqa: E402
+from bench_classical import cohort_folder, ensure_cohort, load_pair  # noqa: E402
 
 ORGANS = ("liver", "spleen", "left_kidney", "right_kidney")
 
@@ -70,12 +70,15 @@ def run_variant(backend_name: str, options: dict, manifest, pairs: int) -> tuple
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=4, help="subject pairs (k, k+1) [4]")
-    parser.add_argument("--data", type=Path, default=Path("/tmp/spasem-phantoms"), help="phantom cohort folder (created)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="phantom cohort folder (created) [/tmp/spasem-phantoms, with -seedS / -varV when not default]")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variability", type=float, default=1.0,
+                        help="phantom organ spread between subjects (`spasem phantoms --variability`) [1]")
     parser.add_argument("--variant", action="append", default=[], help="NAME=BACKEND[:JSON-OPTIONS] (repeatable)")
     args = parser.parse_args(argv)
     variants = [parse_variant(v) for v in (args.variant or ["sitk=sitk"])]
-    manifest = ensure_cohort(args.data, args.pairs + 1, args.seed)
+    manifest = ensure_cohort(cohort_folder(args), args.pairs + 1, args.seed, args.variability)
     rows = []
     for name, backend, options in variants:
         print(f"[{name}] {backend} {json.dumps(options)}", flush=True)

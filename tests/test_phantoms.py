@@ -14,7 +14,8 @@ from spasem.cli.main import cli
 from spasem.core.io import load
 from spasem.core.volume import RAS_DIRECTION
 from spasem.data.manifest import read_manifest
-from spasem.data.phantoms import LABELS, PROTOCOLS, generate_case, parse_modalities, write_cohort
+from spasem.data.phantoms import (LABELS, MAX_VARIABILITY, PROTOCOLS, cohort_name, generate_case, make_anatomy,
+                                  parse_modalities, write_cohort)
 from spasem.errors import InputError
 from tests.phantom_helpers import phantom_case, physical_centroid
 
@@ -137,6 +138,57 @@ def test_bad_case_arguments():
 
 
 # ------------------------------------------------------------------------------------------
+# variability between subjects
+# ------------------------------------------------------------------------------------------
+def _organs(anatomy) -> dict:
+    return {"liver_right": anatomy.liver[0], "liver_left": anatomy.liver[1], "spleen": anatomy.spleen,
+            **anatomy.kidneys, "stomach": anatomy.stomach}
+
+
+def test_variability_scales_the_organs_spread_between_subjects():
+    subjects = range(8)
+    for subject in subjects:
+        still, default, wide = (_organs(make_anatomy(subject, 0, v)) for v in (0.0, 1.0, 2.0))
+        for name in still:
+            # the centres move linearly with the factor, from the mean anatomy (v = 0) outwards (along
+            # z nearly: the respiratory shift is also scaled by the organ scale, both grow with v)
+            moved, moved_twice = default[name].centre - still[name].centre, wide[name].centre - still[name].centre
+            np.testing.assert_allclose(moved_twice[:2], 2.0 * moved[:2], atol=1e-9)
+            assert abs(moved_twice[2] - 2.0 * moved[2]) < 0.85  # 2 * 6 mm * 0.07 at most
+            assert still[name].deformation is not None
+            assert np.abs(still[name].deformation.amplitudes).max() == 0.0  # no shape deformation at 0
+        # the body outline is not the organs': the same at every factor
+        assert make_anatomy(subject, 0, 0.0).body_axes == make_anatomy(subject, 0, 3.0).body_axes
+    # at 0 every subject has the same organs (up to the body's size, which scales x and y) ...
+    a, b = make_anatomy(0, 0, 0.0), make_anatomy(5, 0, 0.0)
+    np.testing.assert_allclose(a.spleen.radii, b.spleen.radii)
+    np.testing.assert_allclose(a.spleen.rotation, b.spleen.rotation)
+    # ... and the spread of organ sizes (log volume) grows with the factor
+    def log_volume_sd(v: float, organ: str) -> float:
+        return float(np.std([np.log(np.prod(_organs(make_anatomy(s, 0, v))[organ].radii)) for s in range(12)]))
+
+    for organ in ("liver_right", "spleen", "left_kidney"):
+        assert log_volume_sd(0.0, organ) < 1e-12
+        assert log_volume_sd(1.0, organ) > 0.05
+        assert log_volume_sd(2.5, organ) > 2.0 * log_volume_sd(1.0, organ)
+
+
+@pytest.mark.parametrize("bad", [-0.5, MAX_VARIABILITY + 0.1, float("nan"), "wide"])
+def test_bad_variability_is_refused(bad):
+    with pytest.raises(InputError, match="phantom variability"):
+        make_anatomy(0, 0, bad)
+    with pytest.raises(InputError, match="phantom variability"):
+        generate_case(0, "mr", 0, bad)
+
+
+def test_cohort_name_records_seed_and_variability():
+    assert cohort_name() == "phantoms"
+    assert cohort_name(3) == "phantoms-seed3"
+    assert cohort_name(0, 2.5) == "phantoms-var2.5"
+    assert cohort_name(1, 0.0) == "phantoms-seed1-var0"
+
+
+# ------------------------------------------------------------------------------------------
 # cohorts on disk
 # ------------------------------------------------------------------------------------------
 def _check_cohort(folder, subjects: int, modalities: tuple[str, ...]) -> None:
@@ -182,9 +234,24 @@ def test_phantoms_cli_writes_files_and_manifest(tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
+def test_write_cohort_with_variability_names_the_dataset_and_writes_those_cases(tmp_path):
+    path = write_cohort(tmp_path / "wide", 1, "mr", seed=2, variability=2.5)
+    manifest = read_manifest(path)
+    assert manifest.dataset == "phantoms-seed2-var2.5"
+    written = load(manifest.label_path(manifest.cases[0]), is_label=True)
+    _, expected = generate_case(0, "mr", seed=2, variability=2.5)
+    _, default = generate_case(0, "mr", seed=2)
+    np.testing.assert_array_equal(written.array, expected.array)
+    assert not np.array_equal(expected.array, default.array)  # the organs did move
+    with pytest.raises(InputError, match="phantom variability 9"):
+        write_cohort(tmp_path / "bad", 1, "mr", variability=9)
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (["--subjects", "1", "--variability", "9"], "phantom variability 9.0: expected a number in [0, 4]"),
         (["--subjects", "0"], "0 is not in the range x>=1"),
         (["--subjects", "1", "--modalities", "ct,pet"], "phantom modality 'pet'"),
         (["--subjects", "1", "--modalities", ","], "none given"),

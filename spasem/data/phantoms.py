@@ -79,6 +79,9 @@ MR_T2 = np.array([
 
 #: per-subject relative contrast jitter of the organs (same for both modalities of a subject)
 _JITTERED = (LIVER, SPLEEN, CORTEX, MEDULLA, STOMACH, BOWEL)
+#: the largest inter-subject variability factor accepted (:func:`make_anatomy`); at 4 the organ
+#: radii vary by +-32 % (one standard deviation) and positions by 16 mm
+MAX_VARIABILITY = 4.0
 
 
 @dataclass(frozen=True)
@@ -196,20 +199,39 @@ class Anatomy:
     jitter: np.ndarray
 
 
-def make_anatomy(subject: int, seed: int = 0) -> Anatomy:
-    """The anatomy of ``subject`` (deterministic in ``(seed, subject)``)."""
+def check_variability(variability: float) -> float:
+    """``variability`` as a float, or :class:`InputError` outside ``[0, MAX_VARIABILITY]``."""
+    try:
+        value = float(variability)
+    except (TypeError, ValueError):
+        raise InputError(f"phantom variability '{variability}': expected a number") from None
+    if not 0.0 <= value <= MAX_VARIABILITY:
+        raise InputError(f"phantom variability {variability}: expected a number in [0, {MAX_VARIABILITY:g}]")
+    return value
+
+
+def make_anatomy(subject: int, seed: int = 0, variability: float = 1.0) -> Anatomy:
+    """The anatomy of ``subject`` (deterministic in ``(seed, subject, variability)``).
+
+    :param variability: factor on the spread between subjects of the organs' position, size,
+        orientation and shape, the overall organ scale and the respiratory shift (not the body
+        outline). 1 is the default cohort; 0 puts every subject's organs at the mean anatomy's;
+        2-3 brings registration alone down towards what it reaches between real patients. The
+        random draws are the same for every value, so subjects keep their character.
+    """
+    v = check_variability(variability)
     rng = np.random.default_rng([int(seed), int(subject), 7919])
     a = rng.uniform(110.0, 126.0)  # half body width (LR), mm
     b = rng.uniform(84.0, 96.0)  # half body depth (AP)
     sx, sy = a / 118.0, b / 90.0
-    g = rng.uniform(0.93, 1.07)  # overall organ scale
-    breath = rng.uniform(-6.0, 6.0)  # respiratory shift of the upper-abdominal organs (z, mm)
+    g = 1.0 + v * (rng.uniform(0.93, 1.07) - 1.0)  # overall organ scale
+    breath = v * rng.uniform(-6.0, 6.0)  # respiratory shift of the upper-abdominal organs (z, mm)
 
     def organ(centre, radii, angles, shift_sd=4.0, scale_sd=0.07, angle_sd=5.0, deform=0.05):
-        c = np.array(centre, dtype=np.float64) * np.array([sx, sy, g]) + rng.normal(0, shift_sd, 3)
-        r = np.array(radii, dtype=np.float64) * g * np.exp(rng.normal(0, scale_sd, 3))
-        rot = _rotation(np.asarray(angles, dtype=np.float64) + rng.normal(0, angle_sd, 3))
-        return Blob(c, r, rot, SineField.random(rng, 10, (1.6, 3.2), deform, out=3))
+        c = np.array(centre, dtype=np.float64) * np.array([sx, sy, g]) + v * rng.normal(0, shift_sd, 3)
+        r = np.array(radii, dtype=np.float64) * g * np.exp(v * rng.normal(0, scale_sd, 3))
+        rot = _rotation(np.asarray(angles, dtype=np.float64) + v * rng.normal(0, angle_sd, 3))
+        return Blob(c, r, rot, SineField.random(rng, 10, (1.6, 3.2), v * deform, out=3))
 
     spine_y = 0.42 * b
     liver_right = organ((-50, 0, 42 + breath), (60, 62, 55), (0, 0, 0))
@@ -228,7 +250,7 @@ def make_anatomy(subject: int, seed: int = 0) -> Anatomy:
     portal_start = np.array([-8.0, 5.0, 15.0 + breath]) * np.array([sx, sy, g])
     portal_end = liver_right.centre + np.array([-15.0, -5.0, 5.0])
     jitter = np.ones(N_TISSUES)
-    jitter[list(_JITTERED)] = np.exp(rng.normal(0, 0.06, len(_JITTERED)))
+    jitter[list(_JITTERED)] = np.exp(rng.normal(0, 0.06, len(_JITTERED)))  # contrast: not scaled by v
     return Anatomy(
         body_axes=(a, b),
         body_wobble=(rng.uniform(0.0, 0.05), rng.uniform(150.0, 300.0), rng.uniform(0, 2 * math.pi)),
@@ -499,12 +521,14 @@ def _render(tissue: np.ndarray, texture: np.ndarray, anatomy: Anatomy, modality:
     return values
 
 
-def generate_case(subject: int, modality: str, seed: int = 0) -> tuple[Volume, Volume]:
+def generate_case(subject: int, modality: str, seed: int = 0, variability: float = 1.0) -> tuple[Volume, Volume]:
     """One phantom scan and its label map (same grid).
 
     :param subject: subject number (the anatomy; the same for every modality of a subject).
     :param modality: 'ct' or 'mr' (case-insensitive).
-    :param seed: cohort seed; ``(seed, subject, modality)`` determines the result exactly.
+    :param seed: cohort seed; ``(seed, subject, modality, variability)`` determines the result
+        exactly.
+    :param variability: spread of the organs between subjects (:func:`make_anatomy`).
     :returns: ``(image, label)``: the image (CT: int16 HU; MR: float32) and a uint8 label map
         with :data:`LABELS` ids, named ``s{subject:03d}_{modality}`` / ``..._label``, with the
         modality ('CT' / 'MR') set.
@@ -514,7 +538,7 @@ def generate_case(subject: int, modality: str, seed: int = 0) -> tuple[Volume, V
         raise InputError(f"phantom modality '{modality}': unknown; expected one of {', '.join(PROTOCOLS)}")
     if int(subject) < 0:
         raise InputError(f"phantom subject {subject}: expected a number >= 0")
-    anatomy = make_anatomy(subject, seed)
+    anatomy = make_anatomy(subject, seed, variability)
     rng = np.random.default_rng([int(seed), int(subject), 1 if key == "ct" else 2])
     grid, placement = scan_geometry(anatomy, key, rng)
     protocol = PROTOCOLS[key]
@@ -575,13 +599,25 @@ def parse_modalities(modalities: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def cohort_name(seed: int = 0, variability: float = 1.0) -> str:
+    """The manifest's ``dataset`` name of a cohort: ``phantoms`` for the defaults, else with the
+    seed and variability that made it (``phantoms-seed3-var2.5``)."""
+    name = "phantoms"
+    if int(seed) != 0:
+        name += f"-seed{int(seed)}"
+    if float(variability) != 1.0:
+        name += f"-var{float(variability):g}"
+    return name
+
+
 def write_cohort(out_dir: str | os.PathLike, subjects: int, modalities: str | Iterable[str] = ("ct", "mr"),
-                 seed: int = 0, progress=None) -> Path:
+                 seed: int = 0, progress=None, variability: float = 1.0) -> Path:
     """Write ``subjects`` phantoms per modality as NIfTI plus ``out_dir/manifest.json``.
 
     Files: ``s{NNN}_{modality}.nii.gz`` (image) and ``s{NNN}_{modality}_label.nii.gz``; each is
     written atomically, the manifest last (:mod:`spasem.data.manifest` format: per case id, image,
-    label, modality 'CT'/'MR', subject; ``label_names`` = :data:`LABELS`).
+    label, modality 'CT'/'MR', subject; ``label_names`` = :data:`LABELS`; ``dataset`` =
+    :func:`cohort_name`).
 
     :returns: the manifest's path.
     """
@@ -591,6 +627,7 @@ def write_cohort(out_dir: str | os.PathLike, subjects: int, modalities: str | It
     if int(subjects) < 1:
         raise InputError(f"phantom subjects {subjects}: expected at least 1")
     keys = parse_modalities(modalities)
+    variability = check_variability(variability)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"phantom output '{out}': exists and is not a folder")
@@ -599,14 +636,14 @@ def write_cohort(out_dir: str | os.PathLike, subjects: int, modalities: str | It
     jobs = [(s, m) for s in range(int(subjects)) for m in keys]
     iterator = progress.iterate(jobs, "phantoms", total=len(jobs)) if progress is not None else jobs
     for subject, key in iterator:
-        image, label = generate_case(subject, key, seed)
+        image, label = generate_case(subject, key, seed, variability)
         image_file, label_file = f"{image.name}.nii.gz", f"{image.name}_label.nii.gz"
         save(image, out / image_file)
         save(label, out / label_file)
         cases.append(Case(id=image.name, image=image_file, label=label_file, modality=MODALITY_NAMES[key],
                           subject=f"s{subject:03d}"))
-    manifest = Manifest(dataset="phantoms", label_names=dict(LABELS), cases=cases)
+    manifest = Manifest(dataset=cohort_name(seed, variability), label_names=dict(LABELS), cases=cases)
     return write_manifest(manifest, out / "manifest.json")
 
 
-__all__ = ["LABELS", "PROTOCOLS", "generate_case", "make_anatomy", "parse_modalities", "sample_anatomy", "write_cohort"]
+__all__ = ["LABELS", "MAX_VARIABILITY", "PROTOCOLS", "check_variability", "cohort_name", "generate_case", "make_anatomy", "parse_modalities", "sample_anatomy", "write_cohort"]
