@@ -21,6 +21,7 @@ from spasem.core.adaptive import (
     mask_distances,
     pool_to_features,
     region_masks,
+    translated_appearance,
 )
 from spasem.core.volume import Grid
 from spasem.core.windows import Window
@@ -155,6 +156,26 @@ def test_region_masks_of_thin_and_tiny_structures_still_have_a_core():
     assert np.argwhere(core).tolist() == [[4, 4, 4]]
 
 
+def test_region_masks_restrict_the_core_to_core_keep_unless_too_little_remains():
+    shape, lo, hi = (32, 32, 32), (4, 4, 4), (28, 28, 28)
+    grid = _grid(shape)
+    window = Window.on(grid, (0, 0, 0), shape)
+    fgrid = window.grid.scaled(2)
+    box = _box_mask(shape, lo, hi)
+    whole = region_masks(box, grid, [window], [fgrid], CPU, 3.0, 10.0, None)[0]
+    half = np.zeros(shape, bool)
+    half[:16] = True  # half of the core
+    kept = region_masks(box, grid, [window], [fgrid], CPU, 3.0, 10.0, None, core_keep=half)[0]
+    depth, _ = _box_distances(shape, lo, hi, 1.5)
+    np.testing.assert_array_equal(kept["core"].numpy(), _block_mean((depth >= 3.0) & half, 2) >= 0.5)
+    assert kept["core"].sum() < whole["core"].sum()
+    np.testing.assert_array_equal(kept["outside"].numpy(), whole["outside"].numpy())  # the outside is not touched
+    sliver = np.zeros(shape, bool)
+    sliver[:7] = True  # 3 of the core's 18 slices: under a quarter, so the core stays whole
+    left = region_masks(box, grid, [window], [fgrid], CPU, 3.0, 10.0, None, core_keep=sliver)[0]
+    np.testing.assert_array_equal(left["core"].numpy(), whole["core"].numpy())
+
+
 def test_region_masks_per_window():
     shape, lo, hi = (40, 24, 24), (14, 6, 6), (26, 18, 18)
     grid = _grid(shape)
@@ -256,6 +277,58 @@ def test_clean_core_keeps_a_quarter_and_leaves_small_or_unopposed_cores():
     small = torch.randn(7, 4, generator=gen)
     assert clean_core(small, background, 0.1) is small  # fewer than 8 rows
     assert clean_core(core, torch.zeros(0, 4), 0.1) is core  # no background
+
+
+# ------------------------------------------------------------------------------------------
+# translated_appearance
+# ------------------------------------------------------------------------------------------
+def _two_modality_scene(shape=(40, 40, 40), seed=0):
+    """A support and a query of one scene in two 'modalities' with another contrast order:
+    organ (support 100 / query 20), its surroundings (support 40 / query 80) and a far tissue
+    (support 70 / query 50), with noise. Returns (support, query, organ mask, far mask)."""
+    rng = np.random.default_rng(seed)
+    organ = _box_mask(shape, (12, 12, 12), (28, 28, 28))
+    far = _box_mask(shape, (0, 0, 0), (6, 40, 40))
+    support = np.where(organ, 100.0, np.where(far, 70.0, 40.0)) + rng.normal(0, 3, shape)
+    query = np.where(organ, 20.0, np.where(far, 50.0, 80.0)) + rng.normal(0, 3, shape)
+    return support.astype(np.float32), query.astype(np.float32), organ, far
+
+
+def test_translated_appearance_carries_the_organ_contrast_across_modalities():
+    support, query, organ, far = _two_modality_scene()
+    covered = np.ones(organ.shape, bool)
+    spacing = np.full(3, 1.5)
+    aligned = translated_appearance(support, covered, organ, query, spacing)
+    assert aligned.dtype == np.float32 and aligned.shape == organ.shape
+    assert (aligned[organ] > 0).mean() > 0.99 and (aligned[~organ] < 0).mean() > 0.99
+    # a warped mask 6 voxels (9 mm) off still gives the organ's intensities, since the whole
+    # covered scene estimates how the support's intensities map to the query's
+    off = np.roll(organ, 6, axis=0)
+    support_off = np.roll(support, 6, axis=0)  # the support, registered 6 voxels wrong
+    shifted = translated_appearance(support_off, covered, off, query, spacing)
+    assert (shifted[organ] > 0).mean() > 0.95
+    assert (shifted[~organ & ~far] < 0).mean() > 0.95
+    # what the core of the misplaced mask keeps: only organ voxels
+    keep = (shifted > 0) & off
+    assert organ[keep].mean() > 0.97 and organ[off].mean() < 0.7
+
+
+def test_translated_appearance_is_a_function_of_the_query_intensity():
+    rng = np.random.default_rng(3)
+    support, query, organ, _ = _two_modality_scene(seed=3)
+    query = np.round(query / 4.0) * 4.0  # few distinct values
+    covered = rng.random(organ.shape) > 0.3
+    out = translated_appearance(support, covered, organ, query, np.full(3, 1.5))
+    for value in np.unique(query):
+        assert np.ptp(out[query == value]) == 0.0  # same intensity, same log-ratio (covered or not)
+
+
+def test_translated_appearance_without_data_is_zero():
+    support, query, organ, _ = _two_modality_scene()
+    nothing = np.zeros(organ.shape, bool)
+    spacing = np.full(3, 1.5)
+    assert not translated_appearance(support, nothing, organ, query, spacing).any()  # nothing covered
+    assert not translated_appearance(support, np.ones(organ.shape, bool), nothing, query, spacing).any()  # no mask
 
 
 # ------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from spasem.core.config import PAPER_PRIORS
 from spasem.core.metrics import dice
 from spasem.core.pipeline import Engine
 from spasem.core.progress import Progress
+from spasem.core.resample import resample
 from spasem.errors import InputError, PipelineError
 from spasem.hookspecs import hookimpl
 from tests.conftest import blob_pair
@@ -117,3 +118,22 @@ def test_progress_reports_stages(blob, fast_config):
     text = stream.getvalue()
     for fragment in ("registering support 1", "encoding supports", "encoding query", "decoding", "pasting back"):
         assert fragment in text
+
+
+def test_core_appearance_keeps_the_query_core_on_the_structure(blob, fast_config, counting_registry):
+    """Identity registration with the query's organ 10 mm away: the warped mask's core lies half on
+    the body around the organ. ``priors.core_appearance`` keeps only its organ-like voxels."""
+    image, mask = blob
+    query, truth = blob_pair(shift_vox=5)
+    cache = MemoryCache()
+    config = {**fast_config, "registration": "counting", "priors": {"core_margin_mm": 2.0}}
+    engine = Engine(config, registry=counting_registry, cache=cache)
+    plain = engine.run([(image, mask)], query)
+    checked = Engine({**config, "priors": {"core_margin_mm": 2.0, "core_appearance": True}},
+                     registry=counting_registry, cache=cache).run([(image, mask)], query)
+    assert CALLS["register"] == 2  # its own cache entry: the warp stage also returns the appearance map
+    assert checked.num_prototypes < plain.num_prototypes  # body voxels left the core
+    # the kept core is the organ part of the old one: the prototypes are the organ's intensities
+    truth_work = resample(truth, plain.work_grid).array > 0
+    assert checked.maps["p_sim"].array[truth_work].mean() >= plain.maps["p_sim"].array[truth_work].mean() - 1e-4
+    assert checked.mask.grid is query.grid and dice(checked.mask, truth) > 0.5

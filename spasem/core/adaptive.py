@@ -124,11 +124,15 @@ def clean_core(core: torch.Tensor, background: torch.Tensor, tau_s: float, round
 def region_masks(
     warped: np.ndarray, work_grid: Grid, windows: Sequence[Window], feature_grids: Sequence[Grid], device,
     core_margin_mm: float, background_margin_mm: float, reach_mm: float | None,
+    core_keep: np.ndarray | None = None, min_kept: float = 0.25,
 ) -> list[dict[str, torch.Tensor]]:
     """Per window, bool masks on its feature grid: ``core`` (deeper than ``core_margin_mm`` inside
     the warped mask ``warped``), ``outside`` (farther than ``background_margin_mm``) and, with a
     reach, ``band`` (within ``reach_mm`` of it). Distances are computed on the windows' union box
-    of the working grid. A structure too thin for a core gets its deepest half as core."""
+    of the working grid. A structure too thin for a core gets its deepest half as core.
+
+    ``core_keep`` (bool, working grid) restricts the core to its voxels, unless fewer than
+    ``min_kept`` of the core's voxels would remain (then the core is left whole)."""
     box = windows_box(windows, work_grid.shape)
     depth = np.zeros(work_grid.shape, np.float32)
     distance = np.full(work_grid.shape, np.inf, np.float32)
@@ -136,6 +140,10 @@ def region_masks(
     core_mask = depth >= max(core_margin_mm, 1e-3)
     if not core_mask.any():
         core_mask = depth >= 0.5 * float(depth.max())
+    if core_keep is not None:
+        kept = core_mask & core_keep
+        if kept.sum() >= min_kept * core_mask.sum():
+            core_mask = kept
     regions = []
     for window, fgrid in zip(windows, feature_grids):
         region = {
@@ -149,6 +157,55 @@ def region_masks(
         for region, window, fgrid in zip(regions, windows, feature_grids):
             region["core"] = pool_to_features(core_mask, window, fgrid, device, min_fraction=0.0)
     return regions
+
+
+def _bin_index(values: np.ndarray, sample: np.ndarray, bins: int) -> np.ndarray:
+    """Bin index ``[0, bins)`` of every value, over the 0.5-99.5 percentile range of ``sample``."""
+    lo, hi = np.percentile(sample, [0.5, 99.5]) if sample.size else (0.0, 1.0)
+    scale = bins / max(float(hi - lo), 1e-6)
+    return np.clip(((values - lo) * scale).astype(np.int64), 0, bins - 1)
+
+
+def translated_appearance(
+    warped_image: np.ndarray, covered: np.ndarray, warped_mask: np.ndarray, query_image: np.ndarray,
+    spacing: np.ndarray, band_mm: tuple[float, float] = (3.0, 15.0), support_bins: int = 48, query_bins: int = 64,
+) -> np.ndarray:
+    """How much each query voxel's intensity looks like the support structure rather than its
+    surroundings, with the support's appearance carried into the query's modality by the
+    registration's joint histogram.
+
+    ``p(q | s)`` is the joint histogram of (support intensity, query intensity) over the voxels
+    the support covers after registration, normalised per support bin. The support intensities
+    inside the warped mask give ``p_in(q) = sum_s h_in(s) p(q | s)``; those of a band around it
+    (``band_mm`` outside) give ``p_out(q)``. The result is ``log p_in(q) - log p_out(q)`` at every
+    voxel: a function of the query's intensity alone, so it does not move with the registration
+    error that places the warped mask, only its estimate does (the whole covered body votes).
+
+    :param warped_image: support image warped onto the working grid ``[D, H, W]`` (any units).
+    :param covered: bool ``[D, H, W]``: where ``warped_image`` has support data.
+    :param warped_mask: bool ``[D, H, W]``: the warped support mask.
+    :param query_image: query image on the same grid.
+    :param spacing: working-grid spacing (mm, array axes).
+    :returns: float32 ``[D, H, W]`` log-ratio (0 where nothing is known: no covered voxel).
+    """
+    out = np.zeros(query_image.shape, np.float32)
+    inside = warped_mask & covered
+    if not inside.any():
+        return out
+    s_bin = _bin_index(warped_image, warped_image[covered], support_bins)
+    q_bin = _bin_index(query_image, query_image[covered], query_bins)
+    joint = np.bincount(s_bin[covered] * query_bins + q_bin[covered], minlength=support_bins * query_bins)
+    joint = joint.reshape(support_bins, query_bins).astype(np.float64) + 0.5 / query_bins
+    q_given_s = joint / joint.sum(axis=1, keepdims=True)
+    distance = ndimage.distance_transform_edt(~warped_mask, sampling=spacing)
+    band = covered & (distance > band_mm[0]) & (distance <= band_mm[1])
+
+    def translated(region: np.ndarray) -> np.ndarray:
+        h = np.bincount(s_bin[region], minlength=support_bins).astype(np.float64) + 1e-3
+        return (h / h.sum()) @ q_given_s
+
+    log_ratio = (np.log(translated(inside)) - np.log(translated(band))).astype(np.float32)
+    return log_ratio[q_bin]
 
 
 def best_shift(inside: np.ndarray, p_sim: np.ndarray, spacing: np.ndarray, max_shift_mm: float,
@@ -183,4 +240,4 @@ def best_shift(inside: np.ndarray, p_sim: np.ndarray, spacing: np.ndarray, max_s
 
 
 __all__ = ["best_shift", "clean_core", "contrastive_prior", "evenly_spaced", "log_mean_exp", "mask_distances", "pool_to_features",
-           "region_masks", "windows_box"]
+           "region_masks", "translated_appearance", "windows_box"]

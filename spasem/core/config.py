@@ -64,6 +64,10 @@ class PriorsConfig(_Strict):
         "paper", description="'paper': P_sim from the foreground prototypes alone; 'contrastive': against background "
         "prototypes from the query's confident outside, H = entropy of that two-set assignment")
     core_margin_mm: float = Field(6.0, ge=0, description="depth inside the warped mask where query voxels are confidently inside (mm)")
+    core_appearance: bool = Field(
+        False, description="keep in the query core only the voxels whose intensity looks more like the support "
+        "structure than like its surroundings, the support's appearance carried into the query's modality by the "
+        "registration's joint histogram (unless under a quarter of the core would remain; False: the paper)")
     background_margin_mm: float = Field(
         20.0, ge=0, description="distance outside the warped mask beyond which query voxels are confidently outside (mm)")
     semantic_reach_mm: float | None = Field(

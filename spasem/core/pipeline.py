@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from spasem.core.adaptive import best_shift, clean_core, contrastive_prior, evenly_spaced, region_masks
+from spasem.core.adaptive import (best_shift, clean_core, contrastive_prior, evenly_spaced, region_masks,
+                                  translated_appearance)
 from spasem.core.backends import Decoder, Encoder, Features, Fusion, RegistrationBackend, RunContext, Timer, tensor_to_volume
 from spasem.core.cache import StageCache, grid_digest, grid_from_dict, grid_to_dict, make_key, volume_digest
 from spasem.core.config import PipelineConfig, StageConfig, build_config
@@ -271,11 +272,15 @@ class Engine:
     def prepare_supports(self, supports: Sequence[Support | tuple[Volume, Volume]]) -> list[Support]:
         return prepare_supports(supports, self.config.label, self.config.resample_mask)
 
-    def warp_support(self, support: Support, query: PreparedQuery, index: int = 1) -> np.ndarray:
+    def warp_support(self, support: Support, query: PreparedQuery, index: int = 1) -> tuple[np.ndarray, np.ndarray | None]:
         """Register one support to the query; its mask on the working grid as a bool array
-        (linear warp of the 0/1 mask, >= 0.5)."""
+        (linear warp of the 0/1 mask, >= 0.5) and, with ``priors.core_appearance``, the
+        :func:`~spasem.core.adaptive.translated_appearance` log-ratio map (float32, working grid;
+        else None)."""
+        appearance = self.config.priors.core_appearance
+        parts = ["appearance"] if appearance else []
         key = make_key("warp", self._digest(support.image), self._digest(support.mask), self._digest(query.volume),
-                       self._stage_id("registration"), grid_digest(query.work_grid))
+                       self._stage_id("registration"), grid_digest(query.work_grid), *parts)
 
         def compute() -> dict[str, Any]:
             with self.timer.time("register"):
@@ -287,16 +292,28 @@ class Engine:
             with self.timer.time("warp"):
                 soft = Volume(support.mask.array.astype(np.float32), support.mask.grid, name=support.mask.name)
                 warped = transform.warp(soft, query.work_grid)
-            return {"mask": torch.from_numpy(np.ascontiguousarray(warped.array >= 0.5))}
+            mask = np.ascontiguousarray(warped.array >= 0.5)
+            out = {"mask": torch.from_numpy(mask)}
+            if appearance:
+                with self.timer.time("appearance"):
+                    # shifted so that every support voxel is >= 1 and 0 means "outside its field of view"
+                    image = np.asarray(support.image.array, np.float32)
+                    lifted = Volume(image - float(image.min()) + 1.0, support.image.grid, name=support.image.name)
+                    warped_image = np.asarray(transform.warp(lifted, query.work_grid).array, np.float32)
+                    log_ratio = translated_appearance(warped_image, warped_image >= 0.5, mask,
+                                                      np.asarray(query.image_work.array, np.float32), query.work_grid.spacing)
+                out["appearance"] = torch.from_numpy(log_ratio)
+            return out
 
         with self.progress.stage(f"registering support {index} ({self.backends.registration.name})"):
-            mask = self._cached("warp", key, compute)["mask"].numpy()
+            found = self._cached("warp", key, compute)
+            mask = found["mask"].numpy()
         if not mask.any():
             raise PipelineError(
                 f"registration '{self.backends.registration.name}' moved the mask of support {index} "
                 f"({support.image.label_for_messages}) entirely outside the query's field of view"
             )
-        return mask
+        return mask, (found["appearance"].numpy() if appearance else None)
 
     def support_prototypes(self, support: Support, index: int = 1) -> torch.Tensor:
         """Prototypes ``[N, C]`` of one support: encoder features inside its mask, over
@@ -399,10 +416,12 @@ class Engine:
         query_windows: Sequence[tuple[Window, Features, Volume]],
         support_prototypes: Sequence[torch.Tensor],
         reach_mm: float | None,
+        core_keep: np.ndarray | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Prototypes (support and/or query core), optional background set and band, then
         ``P_sim`` and entropy on the working grid. ``inside`` is the warped mask (bool, working
-        grid) the query-adaptive regions are taken from."""
+        grid) the query-adaptive regions are taken from; ``core_keep`` (bool, working grid)
+        restricts the query core (:func:`~spasem.core.adaptive.region_masks`)."""
         pcfg = self.config.priors
         found = list(support_prototypes)
         background, bands = None, None
@@ -410,7 +429,7 @@ class Engine:
             with self.timer.time("query_regions"):
                 regions = region_masks(
                     inside, query.work_grid, [w for w, _, _ in query_windows], [f.grid for _, f, _ in query_windows],
-                    self.device, pcfg.core_margin_mm, pcfg.background_margin_mm, reach_mm,
+                    self.device, pcfg.core_margin_mm, pcfg.background_margin_mm, reach_mm, core_keep,
                 )
 
                 def rows(key: str) -> torch.Tensor:
@@ -452,9 +471,14 @@ class Engine:
         pcfg = cfg.priors
         work_grid = prepared_query.work_grid
         warped_sum = np.zeros(work_grid.shape, dtype=np.float32)
+        appearance_sum = np.zeros(work_grid.shape, dtype=np.float32) if pcfg.core_appearance else None
         for n, support in enumerate(prepared, start=1):
-            warped_sum += self.warp_support(support, prepared_query, n)
+            mask, log_ratio = self.warp_support(support, prepared_query, n)
+            warped_sum += mask
+            if appearance_sum is not None and log_ratio is not None:
+                appearance_sum += log_ratio
         warped_mean = warped_sum / len(prepared)
+        core_keep = appearance_sum > 0 if appearance_sum is not None else None
         realign = pcfg.realign_mm
         bounds = roi_bounds(warped_sum > 0, work_grid, cfg.window.margin_mm + (realign or 0.0))
         assert bounds is not None  # every warped mask is non-empty (checked in warp_support)
@@ -475,7 +499,8 @@ class Engine:
             if realign is not None:
                 with self.progress.stage("realigning the spatial prior on the semantic prior"):
                     reach = realign + (pcfg.semantic_reach_mm or 0.0)
-                    p_sim0, _, _ = self._semantic_pass(prepared_query, warped_mean >= 0.5, query_windows, found, reach)
+                    p_sim0, _, _ = self._semantic_pass(prepared_query, warped_mean >= 0.5, query_windows, found, reach,
+                                                       core_keep)
                     with self.timer.time("realign"):
                         shift = best_shift(warped_mean >= 0.5, p_sim0.cpu().numpy(), work_grid.spacing, realign,
                                            [w for w, _, _ in query_windows])
@@ -485,7 +510,7 @@ class Engine:
             with self.timer.time("spatial_prior"):
                 p_reg = spatial_prior(torch.as_tensor(warped_mean, device=self.device), cfg.priors.sigma)
             p_sim, entropy, n_prototypes = self._semantic_pass(
-                prepared_query, warped_mean >= 0.5, query_windows, found, pcfg.semantic_reach_mm)
+                prepared_query, warped_mean >= 0.5, query_windows, found, pcfg.semantic_reach_mm, core_keep)
         return Priors(prepared_query, windows, p_reg, p_sim, entropy, query_windows, n_prototypes)
 
     def decode(self, priors: Priors, fusion: Fusion | None = None) -> SegmentationResult:
