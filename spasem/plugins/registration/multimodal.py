@@ -214,9 +214,9 @@ class _FocusConfig(BaseModel):
     focus_iterations: int = Field(100, ge=1, description="iterations per level of the structure-focused affine")
     memoize: bool = Field(True, description="reuse the whole-scan transform for a (support, query) pair seen recently")
     deterministic: bool = Field(
-        True, description="evaluate the Mattes metric of the SimpleITK optimisations on one thread, so that the same "
+        True, description="run the SimpleITK optimisations (affine, B-spline, focus) on one thread, so that the same "
         "inputs give the same transform (on several threads ITK sums the metric in an order that varies from run to "
-        "run, and the optimisation drifts: up to 0.1 Dice on a kidney between two runs); False: all threads")
+        "run, and the optimisation drifts: up to 0.1 Dice on a kidney between two runs); False: all threads, faster")
     refine: Literal["mind", "none"] = Field(
         "mind", description="after the whole-scan registration, a dense residual displacement by MIND-SSC matching "
         "(discrete search + Adam, spasem.plugins.registration.mindrefine); 'none' = off")
