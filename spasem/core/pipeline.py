@@ -475,7 +475,7 @@ class Engine:
         for n, support in enumerate(prepared, start=1):
             mask, log_ratio = self.warp_support(support, prepared_query, n)
             warped_sum += mask
-            if appearance_sum is not None and log_ratio is not None:
+            if appearance_sum is not None:
                 appearance_sum += log_ratio
         warped_mean = warped_sum / len(prepared)
         core_keep = appearance_sum > 0 if appearance_sum is not None else None

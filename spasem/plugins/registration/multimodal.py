@@ -38,7 +38,6 @@ pair registers once.
 from __future__ import annotations
 
 import contextlib
-
 import math
 import tempfile
 from collections import OrderedDict
