@@ -20,10 +20,9 @@ def phantoms(out_dir: Path, subjects: int, modalities: str, seed: int, variabili
     """Write synthetic abdominal phantoms (liver 1, spleen 2, left_kidney 3, right_kidney 4)
     for SUBJECTS subjects in each modality, plus OUT/manifest.json."""
     from spasem.core.progress import Progress
-    from spasem.data.phantoms import check_variability, parse_modalities, write_cohort
+    from spasem.data.phantoms import parse_modalities, write_cohort
 
-    keys = parse_modalities(modalities)  # fail before any compute
-    check_variability(variability)
+    keys = parse_modalities(modalities)  # fail before any compute (write_cohort checks the variability first too)
     manifest = write_cohort(out_dir, subjects, keys, seed, progress=Progress(enabled=not quiet), variability=variability)
     if not quiet:
         click.echo(f"{subjects * len(keys)} case(s) -> {out_dir}/; manifest: {manifest}", err=True)

@@ -160,8 +160,9 @@ def region_masks(
 
 
 def _bin_index(values: np.ndarray, sample: np.ndarray, bins: int) -> np.ndarray:
-    """Bin index ``[0, bins)`` of every value, over the 0.5-99.5 percentile range of ``sample``."""
-    lo, hi = np.percentile(sample, [0.5, 99.5]) if sample.size else (0.0, 1.0)
+    """Bin index ``[0, bins)`` of every value, over the 0.5-99.5 percentile range of ``sample``
+    (not empty)."""
+    lo, hi = np.percentile(sample, [0.5, 99.5])
     scale = bins / max(float(hi - lo), 1e-6)
     return np.clip(((values - lo) * scale).astype(np.int64), 0, bins - 1)
 
