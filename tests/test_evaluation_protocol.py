@@ -155,6 +155,17 @@ def test_manifest_builder_pairs_nnunet_and_btcv_names(tmp_path):
     _tiny(btcv / "label" / "label0002.nii.gz", label=True)
     with pytest.raises(InputError, match=r"label\(s\) without an image in img/: label0002.nii.gz"):
         build_manifest(btcv, modality="CT", images="img", labels="label")
+    # the same name in both folders, ending in four digits that are not a channel suffix (AMOS)
+    amos = tmp_path / "amos22"
+    (amos / "imagesTr").mkdir(parents=True)
+    (amos / "labelsTr").mkdir()
+    for name in ("amos_0001", "amos_0507"):
+        _tiny(amos / "imagesTr" / f"{name}.nii.gz")
+        _tiny(amos / "labelsTr" / f"{name}.nii.gz", label=True)
+    built = build_manifest(amos, modality="CT")
+    assert [(c.id, c.image, c.label) for c in built.cases] == [
+        ("amos_0001", "imagesTr/amos_0001.nii.gz", "labelsTr/amos_0001.nii.gz"),
+        ("amos_0507", "imagesTr/amos_0507.nii.gz", "labelsTr/amos_0507.nii.gz")]
 
 
 def test_csv_manifest_with_a_label_map(tmp_path):

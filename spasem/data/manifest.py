@@ -204,9 +204,10 @@ def build_manifest(
 ) -> Manifest:
     """A manifest of the image/label pairs of a dataset folder.
 
-    Images in ``folder/images`` are paired with labels in ``folder/labels`` by file name, after
-    removing an nnU-Net channel suffix (``case_0000.nii.gz`` <-> ``case.nii.gz``); failing that,
-    by the last group of digits in the name (``img0001.nii.gz`` <-> ``label0001.nii.gz``).
+    Images in ``folder/images`` are paired with labels in ``folder/labels`` by file name
+    (``amos_0001.nii.gz`` <-> ``amos_0001.nii.gz``), else after removing an nnU-Net channel suffix
+    (``case_0000.nii.gz`` <-> ``case.nii.gz``); failing that, by the last group of digits in the
+    name (``img0001.nii.gz`` <-> ``label0001.nii.gz``).
 
     :param subject_pattern: regular expression whose first group (or whole match) in the case id
         is the subject id (e.g. ``'^(s\\d+)'``); None: no subject ids.
@@ -233,7 +234,9 @@ def build_manifest(
     used: set[str] = set()
     unpaired: list[str] = []
     for stem, image in image_files.items():
-        case_id = _CHANNEL_SUFFIX.sub("", stem)
+        # an image and its label of the same name pair first (AMOS: amos_0001.nii.gz in both, whose
+        # "_0001" is the case number, not an nnU-Net channel suffix)
+        case_id = stem if stem in by_stem else _CHANNEL_SUFFIX.sub("", stem)
         label_stem = case_id if case_id in by_stem else None
         if label_stem is None:
             digits = re.findall(r"\d+", case_id)
