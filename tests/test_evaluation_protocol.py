@@ -4,6 +4,7 @@ aggregation and the up-front dataset report."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -114,8 +115,9 @@ def test_label_maps_and_organ_names(tmp_path):
     custom = tmp_path / "map.json"
     custom.write_text(json.dumps({"Kidney_L": 5, "liver": 2}))
     assert resolve_label_map(str(custom)) == {"left_kidney": 5, "liver": 2}
-    with pytest.raises(InputError, match="neither a built-in label map"):
+    with pytest.raises(InputError, match=r"neither a built-in label map \(btcv, amos, chaos"):
         resolve_label_map(str(tmp_path / "nope.json"))
+    assert resolve_label_map("AMOS") == {"spleen": 1, "right_kidney": 2, "left_kidney": 3, "liver": 6}
     custom.write_text(json.dumps({"liver": "one"}))
     with pytest.raises(InputError, match="positive integer"):
         resolve_label_map(str(custom))
@@ -166,6 +168,40 @@ def test_manifest_builder_pairs_nnunet_and_btcv_names(tmp_path):
     assert [(c.id, c.image, c.label) for c in built.cases] == [
         ("amos_0001", "imagesTr/amos_0001.nii.gz", "labelsTr/amos_0001.nii.gz"),
         ("amos_0507", "imagesTr/amos_0507.nii.gz", "labelsTr/amos_0507.nii.gz")]
+
+
+def test_manifest_builder_gives_a_mixed_folder_its_modalities(tmp_path):
+    """AMOS keeps CT and MR in one folder; MR case numbers start at 500."""
+    data = tmp_path / "amos22"
+    (data / "imagesTr").mkdir(parents=True)
+    (data / "labelsTr").mkdir()
+    for number in (1, 499, 500, 540):
+        _tiny(data / "imagesTr" / f"amos_{number:04d}.nii.gz")
+        _tiny(data / "labelsTr" / f"amos_{number:04d}.nii.gz", label=True)
+    out = tmp_path / "amos.json"
+    result = CliRunner().invoke(cli, ["manifest", "build", str(data), "--modality", "CT", "--label-map", "amos",
+                                      "--modality-pattern", r"MR=^amos_0[56]\d\d$", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "4 case(s) (CT 2, MR 2)" in result.output
+    manifest = read_manifest(out)
+    assert [(c.id, c.modality) for c in manifest.cases] == [
+        ("amos_0001", "CT"), ("amos_0499", "CT"), ("amos_0500", "MR"), ("amos_0540", "MR")]
+    assert [c.id for c in manifest.filter("MR").cases] == ["amos_0500", "amos_0540"]
+    assert manifest.label_names["liver"] == 6
+    # the first matching pattern wins
+    built = build_manifest(data, modality="CT", modality_patterns=[("MR", "_05"), ("CT", "_0540")])
+    assert [c.modality for c in built.cases] == ["CT", "CT", "MR", "MR"]
+    # bad patterns: a clear error, exit code 2, no manifest written
+    for pattern, message in ((r"MR=^amos_(", "not a regular expression"),
+                             ("MR=^nope", r"matches no case id of .* \(ids: amos_0001, amos_0499, amos_0500 ...\)"),
+                             ("PET=^amos", "modality 'PET' is not CT or MR"),
+                             ("^amos_05", "expected MODALITY=REGEX")):
+        bad = tmp_path / "bad.json"
+        result = CliRunner().invoke(cli, ["manifest", "build", str(data), "--modality", "CT",
+                                          "--modality-pattern", pattern, "-o", str(bad)])
+        assert result.exit_code == 2, (pattern, result.output)
+        assert re.search(message, result.output), (pattern, result.output)
+        assert not bad.exists()
 
 
 def test_csv_manifest_with_a_label_map(tmp_path):

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from spasem.cli.options import parse_set_options
+from spasem.data.labelmaps import label_map_choices
 from spasem.errors import ConfigError
 
 
@@ -52,7 +53,7 @@ def _names(text: str | None) -> list[str]:
 @click.option("--support-modality", default=None, help="use only the support cases of this modality (CT or MR)")
 @click.option("--query-modality", default=None, help="use only the query cases of this modality (CT or MR)")
 @click.option("--support-label-map", default=None, metavar="NAME|FILE",
-              help="organ -> label id of the support dataset: btcv, chaos, chaos_png, phantoms or a JSON file "
+              help="organ -> label id of the support dataset: " + label_map_choices() + " "
                    "[default: the manifest's label_names]")
 @click.option("--query-label-map", default=None, metavar="NAME|FILE",
               help="the same for the query dataset [default: the manifest's label_names]")

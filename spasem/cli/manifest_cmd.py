@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from spasem.data.labelmaps import label_map_choices
+
 
 @click.group()
 def manifest() -> None:
@@ -14,16 +16,19 @@ def manifest() -> None:
 
 @manifest.command("build")
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--modality", required=True, help="modality of every case (CT or MR)")
+@click.option("--modality", required=True, help="modality of the cases (CT or MR); see --modality-pattern")
+@click.option("--modality-pattern", "modality_patterns", multiple=True, metavar="MODALITY=REGEX",
+              help="cases whose id matches REGEX get MODALITY instead (a folder mixing modalities; repeatable, "
+                   "the first match wins), e.g. AMOS: 'MR=^amos_0[56]\\d\\d$'")
 @click.option("--label-map", default=None, metavar="NAME|FILE",
-              help="organ -> label id: btcv, chaos, chaos_png, phantoms or a JSON file")
+              help="organ -> label id: " + label_map_choices())
 @click.option("--dataset", default=None, help="dataset name [default: the folder's name]")
 @click.option("--images", default="imagesTr", show_default=True, help="sub-folder of the images")
 @click.option("--labels", default="labelsTr", show_default=True, help="sub-folder of the label maps")
 @click.option("--subject-pattern", default=None, metavar="REGEX",
               help="regular expression whose first group in a case id is the subject id, e.g. '^(s\\d+)'")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="manifest file to write (.json)")
-def build(folder, modality, label_map, dataset, images, labels, subject_pattern, output) -> None:
+def build(folder, modality, modality_patterns, label_map, dataset, images, labels, subject_pattern, output) -> None:
     """List the image/label pairs of FOLDER (imagesTr/ + labelsTr/) as a JSON manifest."""
     from spasem.data.labelmaps import resolve_label_map
     from spasem.data.manifest import build_manifest, write_manifest
@@ -33,11 +38,27 @@ def build(folder, modality, label_map, dataset, images, labels, subject_pattern,
         raise OutputError(f"--output '{output}': expected a .json file")
     if not output.parent.resolve().is_dir():
         raise OutputError(f"--output '{output}': folder '{output.parent}' does not exist")
+    rules = [parse_modality_pattern(text) for text in modality_patterns]
     names = resolve_label_map(label_map) if label_map else None
     built = build_manifest(folder, modality=modality, label_names=names, dataset=dataset or Path(folder).resolve().name,
-                           images=images, labels=labels, subject_pattern=subject_pattern)
+                           images=images, labels=labels, subject_pattern=subject_pattern, modality_patterns=rules)
     write_manifest(built, output)
-    click.echo(f"{len(built.cases)} case(s) -> {output}", err=True)
+    counts: dict[str, int] = {}
+    for case in built.cases:
+        counts[case.modality or "?"] = counts.get(case.modality or "?", 0) + 1
+    click.echo(f"{len(built.cases)} case(s) ({', '.join(f'{m} {n}' for m, n in counts.items())}) -> {output}", err=True)
+
+
+def parse_modality_pattern(text: str) -> tuple[str, str]:
+    """``"MR=^amos_0[56]"`` -> ``("MR", "^amos_0[56]")``; the modality must be CT or MR (MRI)."""
+    from spasem.errors import InputError
+
+    modality, sep, expression = text.partition("=")
+    if not sep or not expression:
+        raise InputError(f"--modality-pattern '{text}': expected MODALITY=REGEX, e.g. 'MR=^amos_0[56]'")
+    if modality.strip().upper() not in ("CT", "MR", "MRI"):
+        raise InputError(f"--modality-pattern '{text}': modality '{modality}' is not CT or MR")
+    return modality.strip(), expression
 
 
 @manifest.command("check")

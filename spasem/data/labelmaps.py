@@ -8,6 +8,8 @@ Built-in maps (``--label-map NAME``):
 
 * ``btcv`` — Abdomen-CT, Beyond The Cranial Vault (MICCAI 2015): spleen 1, right kidney 2,
   left kidney 3, liver 6 (other ids are other organs).
+* ``amos`` — AMOS 2022 (CT and MR of different patients; MR case numbers from 500): the same
+  ids as ``btcv`` for the four organs (15 organs in all).
 * ``chaos`` — CHAOS T2-SPIR as commonly converted to NIfTI: liver 1, right kidney 2,
   left kidney 3, spleen 4.
 * ``chaos_png`` — CHAOS MR ground truth as the raw PNG intensities: liver 63, right kidney 126,
@@ -32,6 +34,7 @@ ORGAN_COLUMNS: dict[str, str] = {"liver": "Liver", "left_kidney": "LK", "right_k
 
 BUILTIN_LABEL_MAPS: dict[str, dict[str, int]] = {
     "btcv": {"spleen": 1, "right_kidney": 2, "left_kidney": 3, "liver": 6},
+    "amos": {"spleen": 1, "right_kidney": 2, "left_kidney": 3, "liver": 6},
     "chaos": {"liver": 1, "right_kidney": 2, "left_kidney": 3, "spleen": 4},
     "chaos_png": {"liver": 63, "right_kidney": 126, "left_kidney": 189, "spleen": 252},
     "phantoms": {"liver": 1, "spleen": 2, "left_kidney": 3, "right_kidney": 4},
@@ -51,6 +54,11 @@ _ALIASES = {
     "kidneyr": "right_kidney",
     "rkidney": "right_kidney",
 }
+
+
+def label_map_choices() -> str:
+    """The built-in label map names and 'a JSON file', for help texts and messages."""
+    return ", ".join(BUILTIN_LABEL_MAPS) + " or a JSON file"
 
 
 def canonical_organ(name: str) -> str | None:
@@ -88,7 +96,7 @@ def normalise_label_names(names: dict[str, int], source: str) -> dict[str, int]:
 
 
 def resolve_label_map(spec: str, option: str = "--label-map") -> dict[str, int]:
-    """A built-in map by name (``btcv``, ``chaos``, ``chaos_png``, ``phantoms``) or a JSON file
+    """A built-in map by name (:data:`BUILTIN_LABEL_MAPS`: ``btcv``, ``amos``, ``chaos``, ...) or a JSON file
     ``{"liver": 1, ...}`` (or a manifest holding ``label_names``)."""
     key = spec.strip().lower()
     if key in BUILTIN_LABEL_MAPS:

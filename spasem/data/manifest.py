@@ -27,6 +27,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -201,6 +202,7 @@ def build_manifest(
     images: str = "imagesTr",
     labels: str = "labelsTr",
     subject_pattern: str | None = None,
+    modality_patterns: Sequence[tuple[str, str]] = (),
 ) -> Manifest:
     """A manifest of the image/label pairs of a dataset folder.
 
@@ -211,8 +213,13 @@ def build_manifest(
 
     :param subject_pattern: regular expression whose first group (or whole match) in the case id
         is the subject id (e.g. ``'^(s\\d+)'``); None: no subject ids.
+    :param modality_patterns: ``(modality, regular expression)`` pairs for a folder that mixes
+        modalities (AMOS numbers its MR scans from 500: ``("MR", r"^amos_0[56]\\d\\d$")``): a case whose id the
+        expression matches (``re.search``) gets that modality, the first matching pair wins;
+        the others get ``modality``.
     :raises InputError: missing folders, images without labels or labels without images,
-        a pattern that does not match.
+        a pattern that does not match, a modality pattern that is not a valid expression or
+        matches no case.
     """
     root = Path(folder)
     image_dir, label_dir = root / images, root / labels
@@ -230,6 +237,13 @@ def build_manifest(
         if digits:
             by_digits.setdefault(digits[-1], []).append(stem)
     pattern = re.compile(subject_pattern) if subject_pattern else None
+    modality_rules = []
+    for rule_modality, expression in modality_patterns:
+        try:
+            modality_rules.append((rule_modality, re.compile(expression)))
+        except re.error as exc:
+            raise InputError(f"--modality-pattern '{rule_modality}={expression}': not a regular expression ({exc})") from None
+    matched_rules: set[int] = set()
     cases: list[Case] = []
     used: set[str] = set()
     unpaired: list[str] = []
@@ -252,8 +266,11 @@ def build_manifest(
             if match is None:
                 raise InputError(f"--subject-pattern '{subject_pattern}': does not match case id '{case_id}'")
             subject = match.group(1) if match.groups() else match.group(0)
+        matching = [n for n, (_, expression) in enumerate(modality_rules) if expression.search(case_id)]
+        matched_rules.update(matching)
+        case_modality = modality_rules[matching[0]][0] if matching else modality
         cases.append(Case(id=case_id, image=f"{images}/{image.name}", label=f"{labels}/{label_files[label_stem].name}",
-                          modality=modality, subject=subject))
+                          modality=case_modality, subject=subject))
     orphans = sorted(label_files[s].name for s in label_files if s not in used)
     if unpaired or orphans:
         parts = []
@@ -262,6 +279,10 @@ def build_manifest(
         if orphans:
             parts.append(f"label(s) without an image in {images}/: {', '.join(orphans[:10])}{' ...' if len(orphans) > 10 else ''}")
         raise InputError(f"dataset folder '{root}': " + "; ".join(parts))
+    unused = [f"{m}={e.pattern}" for n, (m, e) in enumerate(modality_rules) if n not in matched_rules]
+    if unused:
+        examples = ", ".join(c.id for c in cases[:3]) + (" ..." if len(cases) > 3 else "")
+        raise InputError(f"--modality-pattern '{unused[0]}': matches no case id of '{root}' (ids: {examples})")
     manifest = Manifest(dataset=dataset, label_names=label_names or {}, cases=cases)
     manifest.root = root.resolve()
     return manifest

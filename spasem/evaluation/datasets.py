@@ -21,6 +21,7 @@ from spasem.core.cache import grid_from_dict, grid_to_dict
 from spasem.core.io import load, read_grid
 from spasem.core.progress import Progress
 from spasem.core.volume import Grid
+from spasem.data.labelmaps import label_map_choices
 from spasem.data.manifest import Manifest
 from spasem.errors import InputError, SpasemError
 from spasem.evaluation.files import write_json
@@ -53,7 +54,7 @@ def case_refs(manifest: Manifest, organs: Sequence[str], source: str) -> tuple[l
         known = ", ".join(f"{k} {v}" for k, v in manifest.label_names.items()) or "none"
         problems.append(
             f"{source}: organ(s) {', '.join(missing)} not in its label names ({known}); give a label map "
-            "(btcv, chaos, chaos_png, phantoms or a JSON file) with the label-map option"
+            f"({label_map_choices()}) with the label-map option"
         )
     dataset = manifest.dataset or str(manifest.root or "")
     ids = tuple((o, int(manifest.label_names[o])) for o in organs if o in manifest.label_names)
