@@ -129,13 +129,18 @@ def _tiny(path: Path, label: bool = False, spacing=(1.0, 1.0, 2.0)) -> None:
     save(Volume.from_array(arr, spacing=spacing, is_label=label), path)
 
 
+def _dataset_folder(root: Path, pairs: list[tuple[str, str]], images: str = "imagesTr", labels: str = "labelsTr") -> Path:
+    """``root/images/<image>`` and ``root/labels/<label>`` tiny files for each (image, label) name."""
+    (root / images).mkdir(parents=True)
+    (root / labels).mkdir()
+    for image, label in pairs:
+        _tiny(root / images / image)
+        _tiny(root / labels / label, label=True)
+    return root
+
+
 def test_manifest_builder_pairs_nnunet_and_btcv_names(tmp_path):
-    data = tmp_path / "Task"
-    (data / "imagesTr").mkdir(parents=True)
-    (data / "labelsTr").mkdir()
-    for case in ("s001_ct", "s002_ct"):
-        _tiny(data / "imagesTr" / f"{case}_0000.nii.gz")
-        _tiny(data / "labelsTr" / f"{case}.nii.gz", label=True)
+    data = _dataset_folder(tmp_path / "Task", [(f"{c}_0000.nii.gz", f"{c}.nii.gz") for c in ("s001_ct", "s002_ct")])
     out = tmp_path / "elsewhere" / "manifest.json"
     out.parent.mkdir()
     result = CliRunner().invoke(cli, ["manifest", "build", str(data), "--modality", "CT", "--label-map", "btcv",
@@ -147,23 +152,14 @@ def test_manifest_builder_pairs_nnunet_and_btcv_names(tmp_path):
     assert manifest.cases[0].image == "../Task/imagesTr/s001_ct_0000.nii.gz"  # relative to the manifest
     assert manifest.image_path(manifest.cases[0]).resolve() == (data / "imagesTr" / "s001_ct_0000.nii.gz").resolve()
     # BTCV's own layout: img/img0001.nii.gz + label/label0001.nii.gz
-    btcv = tmp_path / "btcv"
-    (btcv / "img").mkdir(parents=True)
-    (btcv / "label").mkdir()
-    _tiny(btcv / "img" / "img0001.nii.gz")
-    _tiny(btcv / "label" / "label0001.nii.gz", label=True)
+    btcv = _dataset_folder(tmp_path / "btcv", [("img0001.nii.gz", "label0001.nii.gz")], images="img", labels="label")
     built = build_manifest(btcv, modality="CT", images="img", labels="label")
     assert [(c.id, c.label) for c in built.cases] == [("img0001", "label/label0001.nii.gz")]
     _tiny(btcv / "label" / "label0002.nii.gz", label=True)
     with pytest.raises(InputError, match=r"label\(s\) without an image in img/: label0002.nii.gz"):
         build_manifest(btcv, modality="CT", images="img", labels="label")
     # the same name in both folders, ending in four digits that are not a channel suffix (AMOS)
-    amos = tmp_path / "amos22"
-    (amos / "imagesTr").mkdir(parents=True)
-    (amos / "labelsTr").mkdir()
-    for name in ("amos_0001", "amos_0507"):
-        _tiny(amos / "imagesTr" / f"{name}.nii.gz")
-        _tiny(amos / "labelsTr" / f"{name}.nii.gz", label=True)
+    amos = _dataset_folder(tmp_path / "amos22", [(f"{n}.nii.gz", f"{n}.nii.gz") for n in ("amos_0001", "amos_0507")])
     built = build_manifest(amos, modality="CT")
     assert [(c.id, c.image, c.label) for c in built.cases] == [
         ("amos_0001", "imagesTr/amos_0001.nii.gz", "labelsTr/amos_0001.nii.gz"),
@@ -172,12 +168,8 @@ def test_manifest_builder_pairs_nnunet_and_btcv_names(tmp_path):
 
 def test_manifest_builder_gives_a_mixed_folder_its_modalities(tmp_path):
     """AMOS keeps CT and MR in one folder; MR case numbers start at 500."""
-    data = tmp_path / "amos22"
-    (data / "imagesTr").mkdir(parents=True)
-    (data / "labelsTr").mkdir()
-    for number in (1, 499, 500, 540):
-        _tiny(data / "imagesTr" / f"amos_{number:04d}.nii.gz")
-        _tiny(data / "labelsTr" / f"amos_{number:04d}.nii.gz", label=True)
+    names = [f"amos_{number:04d}.nii.gz" for number in (1, 499, 500, 540)]
+    data = _dataset_folder(tmp_path / "amos22", [(n, n) for n in names])
     out = tmp_path / "amos.json"
     result = CliRunner().invoke(cli, ["manifest", "build", str(data), "--modality", "CT", "--label-map", "amos",
                                       "--modality-pattern", r"MR=^amos_0[56]\d\d$", "-o", str(out)])
