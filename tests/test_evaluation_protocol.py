@@ -183,6 +183,9 @@ def test_manifest_builder_gives_a_mixed_folder_its_modalities(tmp_path):
     # the first matching pattern wins
     built = build_manifest(data, modality="CT", modality_patterns=[("MR", "_05"), ("CT", "_0540")])
     assert [c.modality for c in built.cases] == ["CT", "CT", "MR", "MR"]
+    with pytest.raises(InputError, match="modality 'US' is not CT or MR"):
+        build_manifest(data, modality="CT", modality_patterns=[("US", "_05")])
+    assert build_manifest(data, modality="CT", modality_patterns=[("mri", "_05")]).cases[2].modality == "MR"
     # bad patterns: a clear error, exit code 2, no manifest written
     for pattern, message in ((r"MR=^amos_(", "not a regular expression"),
                              ("MR=^nope", r"matches no case id of .* \(ids: amos_0001, amos_0499, amos_0500 ...\)"),

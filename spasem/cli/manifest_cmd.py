@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -43,21 +44,17 @@ def build(folder, modality, modality_patterns, label_map, dataset, images, label
     built = build_manifest(folder, modality=modality, label_names=names, dataset=dataset or Path(folder).resolve().name,
                            images=images, labels=labels, subject_pattern=subject_pattern, modality_patterns=rules)
     write_manifest(built, output)
-    counts: dict[str, int] = {}
-    for case in built.cases:
-        counts[case.modality or "?"] = counts.get(case.modality or "?", 0) + 1
+    counts = Counter(case.modality or "?" for case in built.cases)
     click.echo(f"{len(built.cases)} case(s) ({', '.join(f'{m} {n}' for m, n in counts.items())}) -> {output}", err=True)
 
 
 def parse_modality_pattern(text: str) -> tuple[str, str]:
-    """``"MR=^amos_0[56]"`` -> ``("MR", "^amos_0[56]")``; the modality must be CT or MR (MRI)."""
+    """``"MR=^amos_0[56]"`` -> ``("MR", "^amos_0[56]")`` (:func:`build_manifest` checks both parts)."""
     from spasem.errors import InputError
 
     modality, sep, expression = text.partition("=")
     if not sep or not expression:
         raise InputError(f"--modality-pattern '{text}': expected MODALITY=REGEX, e.g. 'MR=^amos_0[56]'")
-    if modality.strip().upper() not in ("CT", "MR", "MRI"):
-        raise InputError(f"--modality-pattern '{text}': modality '{modality}' is not CT or MR")
     return modality.strip(), expression
 
 

@@ -214,12 +214,12 @@ def build_manifest(
     :param subject_pattern: regular expression whose first group (or whole match) in the case id
         is the subject id (e.g. ``'^(s\\d+)'``); None: no subject ids.
     :param modality_patterns: ``(modality, regular expression)`` pairs for a folder that mixes
-        modalities (AMOS numbers its MR scans from 500: ``("MR", r"^amos_0[56]\\d\\d$")``): a case whose id the
-        expression matches (``re.search``) gets that modality, the first matching pair wins;
-        the others get ``modality``.
+        modalities (AMOS numbers its MR scans from 500: ``("MR", r"^amos_0[56]\\d\\d$")``): a
+        case whose id the expression matches (``re.search``) gets that modality (CT or MR), the
+        first matching pair wins; the others get ``modality``.
     :raises InputError: missing folders, images without labels or labels without images,
-        a pattern that does not match, a modality pattern that is not a valid expression or
-        matches no case.
+        a pattern that does not match, a modality pattern whose modality is not CT or MR, whose
+        expression is not valid or matches no case.
     """
     root = Path(folder)
     image_dir, label_dir = root / images, root / labels
@@ -239,6 +239,8 @@ def build_manifest(
     pattern = re.compile(subject_pattern) if subject_pattern else None
     modality_rules = []
     for rule_modality, expression in modality_patterns:
+        if Case._modality(rule_modality) not in ("CT", "MR"):  # type: ignore[operator]
+            raise InputError(f"--modality-pattern '{rule_modality}={expression}': modality '{rule_modality}' is not CT or MR")
         try:
             modality_rules.append((rule_modality, re.compile(expression)))
         except re.error as exc:
