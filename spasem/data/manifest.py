@@ -193,6 +193,11 @@ def _listing(folder: Path) -> dict[str, Path]:
     return out
 
 
+def _first(names: Sequence[str], limit: int) -> str:
+    """The first ``limit`` of ``names``, comma-separated, with ' ...' when there are more."""
+    return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
+
+
 def build_manifest(
     folder: str | os.PathLike,
     *,
@@ -245,7 +250,6 @@ def build_manifest(
             modality_rules.append((rule_modality, re.compile(expression)))
         except re.error as exc:
             raise InputError(f"--modality-pattern '{rule_modality}={expression}': not a regular expression ({exc})") from None
-    matched_rules: set[int] = set()
     cases: list[Case] = []
     used: set[str] = set()
     unpaired: list[str] = []
@@ -268,23 +272,21 @@ def build_manifest(
             if match is None:
                 raise InputError(f"--subject-pattern '{subject_pattern}': does not match case id '{case_id}'")
             subject = match.group(1) if match.groups() else match.group(0)
-        matching = [n for n, (_, expression) in enumerate(modality_rules) if expression.search(case_id)]
-        matched_rules.update(matching)
-        case_modality = modality_rules[matching[0]][0] if matching else modality
+        case_modality = next((m for m, expression in modality_rules if expression.search(case_id)), modality)
         cases.append(Case(id=case_id, image=f"{images}/{image.name}", label=f"{labels}/{label_files[label_stem].name}",
                           modality=case_modality, subject=subject))
     orphans = sorted(label_files[s].name for s in label_files if s not in used)
     if unpaired or orphans:
         parts = []
         if unpaired:
-            parts.append(f"image(s) without a label in {labels}/: {', '.join(unpaired[:10])}{' ...' if len(unpaired) > 10 else ''}")
+            parts.append(f"image(s) without a label in {labels}/: {_first(unpaired, 10)}")
         if orphans:
-            parts.append(f"label(s) without an image in {images}/: {', '.join(orphans[:10])}{' ...' if len(orphans) > 10 else ''}")
+            parts.append(f"label(s) without an image in {images}/: {_first(orphans, 10)}")
         raise InputError(f"dataset folder '{root}': " + "; ".join(parts))
-    unused = [f"{m}={e.pattern}" for n, (m, e) in enumerate(modality_rules) if n not in matched_rules]
-    if unused:
-        examples = ", ".join(c.id for c in cases[:3]) + (" ..." if len(cases) > 3 else "")
-        raise InputError(f"--modality-pattern '{unused[0]}': matches no case id of '{root}' (ids: {examples})")
+    for rule_modality, expression in modality_rules:
+        if not any(expression.search(case.id) for case in cases):
+            raise InputError(f"--modality-pattern '{rule_modality}={expression.pattern}': matches no case id of "
+                             f"'{root}' (ids: {_first([case.id for case in cases], 3)})")
     manifest = Manifest(dataset=dataset, label_names=label_names or {}, cases=cases)
     manifest.root = root.resolve()
     return manifest
